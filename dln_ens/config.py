@@ -333,7 +333,7 @@ def _check_references(cfg: Config, ctx: _Ctx, check_paths: bool) -> None:
             raise ctx.error(where, f"names unknown backend {name!r}; {hint}defined: {', '.join(names)}")
         if kinds and not isinstance(cfg.backends[name], kinds):
             raise ctx.error(where, f"backend {name!r} is a {cfg.backends[name].type!r} backend; "
-                            f"it must be one of: {', '.join(k.__dataclass_fields__['type'].type.__args__[0] for k in kinds)}")
+                            f"it must be one of: {', '.join(t for t, c in _BACKEND_TYPES.items() if c in kinds)}")
 
     for name, b in cfg.backends.items():
         where = f"backends.{name}"

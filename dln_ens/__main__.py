@@ -1,0 +1,5 @@
+import sys
+
+from dln_ens.cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""`dln-ens zoo | mat | run | tune-mod | tasks`: the command line.
+
+Every command takes ``--conf`` (default ``conf/default.json``) and validates the whole config
+before anything loads, so a typo fails in a second, not after the models are in memory.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CONF = "conf/default.json"
+
+
+def _conf(args, check_paths: bool = True):
+    from dln_ens.config import load_config
+    return load_config(args.conf, check_paths=check_paths)
+
+
+def cmd_zoo(args) -> int:
+    from dln_ens.zoo.build import build_zoo
+    cfg = _conf(args, check_paths=False)
+    if cfg.zoo is None:
+        print(f"{args.conf}: no \"zoo\" section; nothing to build (add \"zoo\": {{\"dir\": \"models/zoo\"}})")
+        return 1
+    if args.size:
+        cfg.zoo.size = args.size
+    paths = build_zoo(cfg.zoo, force=args.force)
+    for name, path in paths.items():
+        print(f"zoo member {name}: {path}")
+    return 0
+
+
+def cmd_mat(args) -> int:
+    from dln_ens.relrep.cli import build_all
+    cfg = _conf(args, check_paths=False)
+    build_all(cfg, force=args.force)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from dln_ens.backends import BackendPool
+    from dln_ens.config import config_to_dict
+    from dln_ens.io import atomic_write_text
+    import json
+
+    cfg = _conf(args)
+    pool = BackendPool(cfg)
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2))
+    t0 = time.perf_counter()
+    parts = args.only or ["eval", "dln"]
+    if "eval" in parts and cfg.eval is not None and cfg.eval.backends:
+        from dln_ens.evaluate import eval_table, evaluate
+        rows = evaluate(cfg, pool, run_dir, resume=not args.fresh)
+        print(f"\n## Backends on held-out tasks ({cfg.eval.split})\n")
+        print(eval_table(rows))
+    if "dln" in parts and cfg.dln is not None and cfg.dln.systems:
+        from dln_ens.dln.run import run_dln
+        run_dln(cfg, pool, run_dir, resume=not args.fresh)
+    print(f"run {cfg.name}: {time.perf_counter() - t0:.0f} s; results in {run_dir}/")
+    return 0
+
+
+def cmd_tune_mod(args) -> int:
+    from dln_ens.mod.tune import tune_mod_from_config
+    cfg = _conf(args, check_paths=False)
+    tune_mod_from_config(cfg)
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from dln_ens.data import task_names
+    print("\n".join(task_names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dln-ens",
+        description="Deep Language Networks over heterogeneous LLM ensembles (DeePEn fusion, "
+                    "Mixture-of-Depths members). Typical use: `dln-ens mat` then `dln-ens run`.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--conf", default=DEFAULT_CONF,
+                        help=f"JSON config (// comments allowed); default {DEFAULT_CONF}")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("zoo", cmd_zoo, "build the tiny model zoo (the embedded default) on the CPU")
+    sp.add_argument("--size", choices=["default", "tiny"], help="override zoo.size")
+    sp.add_argument("--force", action="store_true", help="rebuild members that are up to date")
+
+    sp = add("mat", cmd_mat, "build the zoo if missing, then the relative-representation matrices "
+                             "of every ensemble in the config (up-to-date ones are skipped)")
+    sp.add_argument("--force", action="store_true", help="rebuild all matrices")
+
+    sp = add("run", cmd_run, "evaluate the configured backends and train/evaluate the configured "
+                             "Deep Language Networks; writes runs/<name>/ and resumes by default")
+    sp.add_argument("--fresh", action="store_true", help="ignore saved progress and start over")
+    sp.add_argument("--only", action="append", choices=["eval", "dln"],
+                    help="run only this part (repeatable)")
+
+    add("tune-mod", cmd_tune_mod, "train the norms and router of a Mixture-of-Depths member "
+                                  "(config section tune_mod) and save its head beside the base model")
+    add("tasks", cmd_tasks, "list the task names the loaders know")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dln_ens.config import ConfigError
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"dln-ens {args.command}: configuration error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

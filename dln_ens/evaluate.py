@@ -1,0 +1,100 @@
+"""Plain evaluation: each configured backend on each configured task, one results table.
+
+This is the members-versus-ensemble comparison of the default run. A task with output classes
+is scored by `next_token_logprobs` over its verbalizers (argmax); a task without classes by
+greedy `generate` up to the end of the line, compared after the task's normalisation.
+Each (backend, task) result is written atomically as soon as it is done, so an interrupted run
+picks up where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dln_ens.backends import BackendPool, describe_backend
+from dln_ens.config import Config, config_to_dict
+from dln_ens.data import Task, load_task
+from dln_ens.io import atomic_write_text, markdown_table, read_jsonl, write_jsonl
+
+
+def forward_prompts(task: Task, examples, prompt: str | None = None) -> list[str]:
+    from dln_ens.dln.templates import load_template
+    template = load_template("classify_forward")
+    instruction = task.instruction if prompt is None else prompt
+    return [template.render(prompt=instruction, input=ex.input) for ex in examples]
+
+
+def predict(lm, task: Task, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    preds: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        if task.classes:
+            lp = np.asarray(lm.next_token_logprobs(chunk, list(task.classes)))
+            preds += [task.classes[j] for j in lp.argmax(axis=1)]
+        else:
+            gens = lm.generate(chunk, max_new_tokens=max_new_tokens, stop=["\n"], temperature=0.0)
+            preds += [g.text for g in gens]
+    return preds
+
+
+def _cell_key(cfg: Config, backend: str, task: str) -> str:
+    """Changes whenever anything that could change the cell's result changes."""
+    ev = cfg.eval
+    blob = json.dumps([config_to_dict(cfg.backends), backend, task, ev.split, ev.num_examples,
+                       ev.max_new_tokens], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool = True) -> list[dict]:
+    ev = cfg.eval
+    run_dir = Path(run_dir)
+    cells_dir = run_dir / "eval"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    tasks = {name: load_task(name) for name in ev.tasks}
+    for backend in ev.backends:
+        for task_name, task in tasks.items():
+            cell = cells_dir / f"{backend}__{task_name.replace('/', '_')}.json"
+            key = _cell_key(cfg, backend, task_name)
+            if resume and cell.exists():
+                saved = json.loads(cell.read_text())
+                if saved.get("key") == key:
+                    rows.append(saved["row"])
+                    continue
+            examples = getattr(task, ev.split)[: ev.num_examples]
+            lm = pool.get(backend)
+            t0 = time.perf_counter()
+            prompts = forward_prompts(task, examples)
+            preds = []
+            with tqdm(total=len(prompts), desc=f"eval {backend} on {task_name}", leave=False) as bar:
+                for i in range(0, len(prompts), ev.batch_size):
+                    preds += predict(lm, task, prompts[i:i + ev.batch_size], ev.max_new_tokens,
+                                     ev.batch_size)
+                    bar.update(len(prompts[i:i + ev.batch_size]))
+            seconds = time.perf_counter() - t0
+            correct = [task.is_correct(p, ex.target) for p, ex in zip(preds, examples)]
+            row = {**describe_backend(cfg, backend), "task": task_name, "split": ev.split,
+                   "n": len(examples), "accuracy": round(float(np.mean(correct)) if correct else 0.0, 4),
+                   "seconds": round(seconds, 2)}
+            write_jsonl(cells_dir / f"{backend}__{task_name.replace('/', '_')}.predictions.jsonl",
+                        [{"input": ex.input, "target": ex.target, "prediction": p, "correct": c}
+                         for ex, p, c in zip(examples, preds, correct)])
+            atomic_write_text(cell, json.dumps({"key": key, "row": row}, indent=1))
+            rows.append(row)
+    write_jsonl(run_dir / "eval_results.jsonl", rows)
+    atomic_write_text(run_dir / "eval_results.md", eval_table(rows))
+    return rows
+
+
+def eval_table(rows: list[dict]) -> str:
+    cols = ["backend", "type", "method", "lr", "steps", "matrix", "task", "n", "accuracy", "seconds"]
+    return markdown_table(rows, cols)
+
+
+def load_eval_rows(run_dir: Path) -> list[dict]:
+    return read_jsonl(Path(run_dir) / "eval_results.jsonl")
