@@ -1,0 +1,332 @@
+"""One local transformers causal LM behind the LanguageModel protocol.
+
+Every model call goes through ``forward`` (the Mixture-of-Depths subclass overrides it to
+produce its own logits). Batches are laid out so that no row's result depends on the others:
+
+- ``prefill`` runs a batch of token-id lists: their longest common prefix once (its KV cache
+  repeated over the batch), then each row's remaining tokens left-padded after it, so the last
+  column holds every row's next-token logits. The mask then has a hole between prefix and row.
+- ``step`` appends one token per row to the cache (greedy / sampled decoding).
+- ``score`` prefills each distinct context once, copies its cache to every target of that
+  context (``Cache.batch_select_indices`` with repeated indices) and teacher-forces the targets
+  right-padded after it.
+Position ids always count the real tokens before a position (``batching.positions``).
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dln_ens.lm.base import Generation, Score
+from dln_ens.lm.batching import chunks, common_prefix_len, pad, positions
+from dln_ens.lm.loading import check_model_dir, resolve_dtype
+from dln_ens.lm.stopping import continuation_texts, cut_at_stop, first_stop, sequence_seeds
+
+PROMPT_TAIL = 4  # prompt tokens decoded with the continuation so its first piece keeps its leading space
+
+
+class HFLanguageModel:
+    def __init__(self, model, tokenizer, name: str | None = None, batch_size: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
+        self.batch_size = batch_size
+        self.device = model.get_input_embeddings().weight.device
+        head = model.get_output_embeddings()
+        self.vocab_size = head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
+
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else \
+            (gen_eos[0] if gen_eos else None)
+        # generation ends on any of them, as transformers' generate does
+        self.stop_token_ids = sorted({*gen_eos, *([self.eos_token_id] if self.eos_token_id is not None else [])})
+        # padded positions are masked out, so any id works; never add a token (no embedding resize)
+        self.pad_token_id = next((t for t in (tokenizer.pad_token_id, self.eos_token_id) if t is not None), 0)
+
+        self.max_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        model_args = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in model_args else "past_key_values"  # transformers 5 renamed it
+        self._model_keeps_logits = "logits_to_keep" in model_args
+        # an override of `forward` (MoD) may not take logits_to_keep; then all positions come back
+        self._forward_keeps_logits = "logits_to_keep" in inspect.signature(self.forward).parameters
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "auto", device_map=None,
+                        trust_remote_code: bool = False, name: str | None = None, batch_size: int = 16):
+        """Load a local checkpoint directory (never downloads). ``dtype="auto"`` keeps the
+        checkpoint's dtype; ``device_map`` (accelerate) places the model and overrides ``device``."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = check_model_dir(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), device_map=device_map,
+                                                     local_files_only=True, trust_remote_code=trust_remote_code)
+        if device_map is None:
+            model.to(device)
+        return cls(model, tokenizer, name=name or path.name, batch_size=batch_size)
+
+    # ---- tokens -----------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """The tokenizer on the whole text, with the special tokens it adds by default (BOS...)."""
+        return self.tokenizer(text)["input_ids"]
+
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts))["input_ids"] if len(texts) else []
+
+    def nonempty(self, ids: list[int]) -> list[int]:
+        """A context must hold a token to predict from: an empty one starts from BOS (else EOS),
+        like lm-evaluation-harness' prefix token."""
+        if ids:
+            return ids
+        start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_token_id
+        if start is None:
+            raise ValueError(f"{self.name}: empty context and the tokenizer has neither a BOS nor an EOS token")
+        return [start]
+
+    def split_pairs(self, contexts: Sequence[str], targets: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """(context ids, target ids) at the context/target boundary, as lm-evaluation-harness does.
+
+        1. ctx = encode(context), whole = encode(context + target); if ctx is a prefix of whole,
+           target = whole[len(ctx):] (the target is tokenised as it would be in running text).
+        2. Otherwise, if the context ends with whitespace, move it into the target (lm-eval's
+           rule): ctx = encode(context.rstrip()); target = whole[len(ctx):] if that is a prefix.
+        3. Otherwise target = the target encoded alone without special tokens, after ctx.
+        An empty context becomes [BOS] (``nonempty``).
+        """
+        if len(contexts) != len(targets):
+            raise ValueError(f"{len(contexts)} contexts but {len(targets)} targets")
+        ctxs = self.encode_many(contexts)
+        wholes = self.encode_many([c + t for c, t in zip(contexts, targets)])
+        pairs = []
+        for context, target, ctx, whole in zip(contexts, targets, ctxs, wholes):
+            stripped = context.rstrip()
+            if whole[:len(ctx)] == ctx:
+                tgt = whole[len(ctx):]
+            elif stripped != context and whole[:len(s := self.encode(stripped))] == s:
+                ctx, tgt = s, whole[len(s):]
+            else:
+                tgt = self.tokenizer(target, add_special_tokens=False)["input_ids"]
+            pairs.append((self.nonempty(ctx), tgt))
+        return pairs
+
+    def check_length(self, n: int, what: str) -> None:
+        if self.max_length is not None and n > self.max_length:
+            raise ValueError(f"{self.name}: {what} needs {n} positions but the model has "
+                             f"max_position_embeddings={self.max_length}; shorten the input")
+
+    # ---- model calls ------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values=None,
+                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0):
+        """THE single hook for model calls: float32 logits [B, T, V] and the updated KV cache.
+        ``attention_mask`` covers past + new columns; ``logits_to_keep`` = n > 0 returns only
+        the last n positions (a saving, never required of overrides)."""
+        kw = {self._cache_arg: past_key_values}
+        if self._model_keeps_logits:
+            kw["logits_to_keep"] = logits_to_keep
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                         position_ids=None if position_ids is None else position_ids.to(self.device),
+                         use_cache=True, **kw)
+        return out.logits.float(), getattr(out, self._cache_arg)
+
+    def _last_logits(self, ids, mask, cache, pos):
+        if self._forward_keeps_logits:
+            logits, cache = self.forward(ids, mask, cache, pos, logits_to_keep=1)
+        else:
+            logits, cache = self.forward(ids, mask, cache, pos)
+        return logits[:, -1], cache
+
+    def prefill(self, seqs: Sequence[Sequence[int]]):
+        """Run non-empty token-id lists as one batch; their common prefix is computed once.
+        Returns next-token logits [B, V] float32, the KV cache and the attention mask [B, S]."""
+        b = len(seqs)
+        shared = min(common_prefix_len(seqs), min(map(len, seqs)) - 1) if b > 1 else 0
+        cache = None
+        if shared > 0:
+            prefix = torch.tensor([list(seqs[0][:shared])], device=self.device)
+            ones = torch.ones_like(prefix)
+            _, cache = self._last_logits(prefix, ones, None, positions(ones, shared))
+            cache.batch_repeat_interleave(b)
+        ids, rest_mask = pad([s[shared:] for s in seqs], self.pad_token_id, "left", self.device)
+        mask = torch.cat([rest_mask.new_ones((b, shared)), rest_mask], 1)
+        logits, cache = self._last_logits(ids, mask, cache, positions(mask, ids.shape[1]))
+        return logits, cache, mask
+
+    def step(self, tokens: torch.Tensor, cache, mask: torch.Tensor):
+        """Append one token per row [B]; returns next-token logits [B, V], cache, mask."""
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
+        logits, cache = self._last_logits(tokens[:, None], mask, cache, positions(mask, 1))
+        return logits, cache, mask
+
+    # ---- the protocol -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], *, max_new_tokens: int, stop: Sequence[str] = (),
+                 temperature: float = 0.0, seed: int | None = None) -> list[Generation]:
+        """Continue each prompt: greedy when temperature is 0 (token for token what transformers'
+        ``generate(do_sample=False)`` gives), else sampled from softmax(logits / temperature).
+
+        Ends at EOS, at the first occurrence of any stop string (cut from ``text``) or after
+        ``max_new_tokens``. ``num_tokens`` counts the generated tokens up to and including the
+        one that completed the stop string (or the EOS token); ``logprob`` sums the model's
+        untempered log-softmax over those same tokens. Sampling gives each sequence its own
+        random stream (``stopping.sequence_seeds``): the same ``seed`` repeats exactly, and a
+        prompt samples the same text whatever it is batched with.
+        """
+        prompt_ids = [self.nonempty(ids) for ids in self.encode_many(prompts)]
+        new_ids, token_logps = self.generate_ids(prompt_ids, max_new_tokens=max_new_tokens, stop=stop,
+                                                 temperature=temperature, seed=seed, texts=prompts)
+        tails = [p[-PROMPT_TAIL:] for p in prompt_ids]
+        texts = continuation_texts(self.tokenizer, tails, new_ids)
+        return [Generation(text=cut_at_stop(t, stop), logprob=float(sum(lp)), num_tokens=len(ids))
+                for t, ids, lp in zip(texts, new_ids, token_logps)]
+
+    @torch.inference_mode()
+    def generate_ids(self, prompt_ids: list[list[int]], *, max_new_tokens: int, stop: Sequence[str] = (),
+                     temperature: float = 0.0, seed: int | None = None, texts: Sequence[str] | None = None):
+        """Token-level ``generate``: per prompt, the generated ids (through the stopping token)
+        and their log-probs. ``texts`` (the prompts' strings) key the per-sequence seeds."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        n = len(prompt_ids)
+        seeds = [None] * n
+        if temperature > 0:
+            if seed is None:  # still follows torch.manual_seed
+                seed = int(torch.randint(0, 2 ** 62, ()).item())
+            seeds = sequence_seeds(seed, texts if texts is not None else [" ".join(map(str, p)) for p in prompt_ids])
+        new_ids, logps = [[] for _ in range(n)], [[] for _ in range(n)]
+        order = sorted(range(n), key=lambda i: prompt_ids[i])  # neighbours share prefixes
+        batches = list(chunks(order, self.batch_size))
+        for idx in tqdm(batches, desc=f"generate {self.name}", leave=False, disable=len(batches) < 4):
+            outs = self._generate_batch([prompt_ids[i] for i in idx], max_new_tokens, stop, temperature,
+                                        [seeds[i] for i in idx])
+            for i, (ids, lp) in zip(idx, outs):
+                new_ids[i], logps[i] = ids, lp
+        return new_ids, logps
+
+    def _generate_batch(self, prompt_ids, max_new_tokens, stop, temperature, seeds):
+        b = len(prompt_ids)
+        self.check_length(max(map(len, prompt_ids)) + max(max_new_tokens - 1, 0), "a prompt + max_new_tokens")
+        if max_new_tokens <= 0:
+            return [([], [])] * b
+        logits, cache, mask = self.prefill(prompt_ids)
+        dev = logits.device
+        tokens = torch.full((b, max_new_tokens), self.pad_token_id, dtype=torch.long, device=dev)
+        logps = torch.zeros((b, max_new_tokens), device=dev)
+        lengths = torch.zeros(b, dtype=torch.long, device=dev)
+        rows = torch.arange(b, device=dev)  # original row of each live cache row
+        gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds] if temperature > 0 else None
+        eos = torch.tensor(self.stop_token_ids, dtype=torch.long, device=dev)
+        tails = [p[-PROMPT_TAIL:] for p in prompt_ids]
+        for t in range(max_new_tokens):
+            tok = self._pick(logits, temperature, gens)
+            tokens[rows, t] = tok
+            logps[rows, t] = torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
+            lengths[rows] = t + 1
+            done = torch.isin(tok, eos)
+            if stop:
+                live = rows.tolist()
+                texts = continuation_texts(self.tokenizer, [tails[r] for r in live], tokens[rows, :t + 1].tolist())
+                done |= torch.tensor([first_stop(x, stop) >= 0 for x in texts], device=dev)
+            if t == max_new_tokens - 1 or bool(done.all()):
+                break
+            if bool(done.any()):  # drop finished rows from the batch and the cache
+                keep = (~done).nonzero()[:, 0]
+                cache.batch_select_indices(keep.cpu())
+                mask, tok, rows = mask[keep.to(mask.device)], tok[keep], rows[keep]
+                if gens is not None:
+                    gens = [gens[j] for j in keep.tolist()]
+            logits, cache, mask = self.step(tok, cache, mask)
+        lengths, tokens, logps = lengths.tolist(), tokens.tolist(), logps.tolist()
+        return [(tokens[i][:n], logps[i][:n]) for i, n in enumerate(lengths)]
+
+    @staticmethod
+    def _pick(logits, temperature, gens):
+        if temperature == 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, -1)
+        # one random stream per sequence; no batched sampler takes several generators
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)])
+
+    @torch.inference_mode()
+    def score(self, contexts: list[str], targets: list[str]) -> list[Score]:
+        """Teacher-forced log p(target | context), summed over the target's tokens. The
+        context/target boundary is tokenised as in ``split_pairs`` (lm-evaluation-harness).
+        Each distinct context in a batch is run once (and the batch's common prefix once);
+        its KV cache is then shared by all of its targets."""
+        pairs = self.split_pairs(contexts, targets)
+        self.check_length(max((len(c) + len(t) - 1 for c, t in pairs), default=0), "a context + target")
+        out = [Score(logprob=0.0, num_tokens=0)] * len(pairs)  # empty targets
+        order = sorted((i for i, (_, t) in enumerate(pairs) if t), key=lambda i: pairs[i])
+        batches = list(chunks(order, self.batch_size))
+        for idx in tqdm(batches, desc=f"score {self.name}", leave=False, disable=len(batches) < 4):
+            for i, lp in zip(idx, self._score_batch([pairs[i] for i in idx])):
+                out[i] = Score(logprob=lp, num_tokens=len(pairs[i][1]))
+        return out
+
+    def _score_batch(self, pairs):
+        ctx_row: dict[tuple, int] = {}
+        for ctx, _ in pairs:
+            ctx_row.setdefault(tuple(ctx), len(ctx_row))
+        logits, cache, mask = self.prefill([list(c) for c in ctx_row])
+        rows = torch.tensor([ctx_row[tuple(c)] for c, _ in pairs])
+        targets = [t for _, t in pairs]
+        first = torch.tensor([t[0] for t in targets], device=logits.device)
+        total = torch.log_softmax(logits, -1)[rows.to(logits.device), first]
+        if any(len(t) > 1 for t in targets):
+            cache.batch_select_indices(rows)  # each target row starts from its context's cache
+            ids, tmask = pad([t[:-1] for t in targets], self.pad_token_id, "right", self.device)
+            full = torch.cat([mask[rows.to(mask.device)], tmask], 1)
+            logits, _ = self.forward(ids, full, cache, positions(full, ids.shape[1]))
+            labels, lmask = pad([t[1:] for t in targets], 0, "right", logits.device)
+            lp = torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]
+            total = total + (lp * lmask).sum(-1)
+        return total.tolist()
+
+    @torch.inference_mode()
+    def next_token_distribution(self, contexts: list[str]) -> torch.Tensor:
+        """[B, V] float32 log-probabilities (cpu) of the token after each context."""
+        ids = [self.nonempty(x) for x in self.encode_many(contexts)]
+        self.check_length(max(map(len, ids), default=0), "a context")
+        out = torch.empty((len(ids), self.vocab_size), dtype=torch.float32)
+        order = sorted(range(len(ids)), key=lambda i: ids[i])
+        for idx in chunks(order, self.batch_size):
+            logits, _, _ = self.prefill([ids[i] for i in idx])
+            out[idx] = torch.log_softmax(logits, -1).cpu()
+        return out
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, contexts: list[str], candidates: list[str]) -> np.ndarray:
+        """[len(contexts), len(candidates)] log-probability of each candidate as the next text.
+
+        As the DLN scorer does, a candidate counts with and without a leading space: its
+        variants " cand" and "cand" are tokenised after the context (first token of
+        encode(context + variant) beyond encode(context); the variant encoded alone if the
+        context's tokens are not a prefix) and the candidate gets the max over the two
+        first tokens' log-probs. One forward pass per batch of contexts.
+        """
+        if any(not c.strip() for c in candidates):
+            raise ValueError(f"candidates must be non-blank strings, got {candidates!r}")
+        dist = self.next_token_distribution(contexts)
+        bases = [c[1:] if c.startswith(" ") else c for c in candidates]
+        variants = [v for b in bases for v in (" " + b, b)]
+        ctxs = self.encode_many(contexts)
+        wholes = self.encode_many([x + v for x in contexts for v in variants])
+        alone = [self.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in variants]
+        first = torch.empty((len(contexts), len(variants)), dtype=torch.long)
+        for i, ctx in enumerate(ctxs):
+            for j in range(len(variants)):
+                whole = wholes[i * len(variants) + j]
+                prefix_ok = whole[:len(ctx)] == ctx and len(whole) > len(ctx)
+                first[i, j] = whole[len(ctx)] if prefix_ok else alone[j]
+        lp = dist.gather(1, first).view(len(contexts), len(candidates), 2)
+        return lp.max(-1).values.numpy()
