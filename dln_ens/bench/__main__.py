@@ -1,0 +1,25 @@
+"""`python -m dln_ens.bench {mat|decode|dln} ...`: benchmarks (not tests; they print tables)."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+COMMANDS = {"mat": "dln_ens.bench.mat", "decode": "dln_ens.bench.decode", "dln": "dln_ens.bench.dln",
+            "mod": "dln_ens.bench.mod"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    available = {}
+    for name, module in COMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            available[name] = module
+    if not argv or argv[0] not in available:
+        print(f"usage: python -m dln_ens.bench {{{'|'.join(available)}}} [options]", file=sys.stderr)
+        return 2
+    return importlib.import_module(available[argv[0]]).main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
