@@ -1,0 +1,362 @@
+"""Several local members with different vocabularies behind the one LanguageModel protocol.
+
+Each decoding step (DESIGN "Fusion per decoding step"): every member runs one incremental
+forward on its own KV cache, `Fusion` maps their next-token logits to one distribution over
+the main member's vocabulary, a token is chosen, its surface bytes extend the shared text; the
+main member appends the id and every other member re-tokenises incrementally (`align`).
+
+Batching. Rows of a batch drift apart in every non-main member (each re-tokenisation keeps a
+different number of tokens), so each member keeps ONE batched KV cache whose attention mask
+may have holes (`_Lane`): rolling a row back masks its dropped positions out, and the row's
+new tokens are appended, left-padded, in a block shared by the batch, with position ids that
+count the row's real tokens. One forward per member per step serves the whole batch; holes
+cost a few wasted cache columns, never a result that depends on the batch (masked positions
+are invisible, and the fusion is row-independent). Finished rows leave the caches.
+
+All member calls go through ``member.forward`` (MoD members override it); members may sit on
+different devices; the fusion runs on ``compute_device``.
+
+Speed defaults (``python -m dln_ens.bench decode``): ``tail_mass=1e-4, max_support=256``
+restrict the relative-space work to each distribution's top tokens (`fusion.relative`). Against
+the exact search on the same dense matrices it changed no argmax and cost KL ~1e-5; what
+limits fidelity is the *matrix* (sparse k=64 rows vs dense rows), not this restriction.
+``tail_mass=0`` is the exact computation (the tests compare it with the published loop).
+
+Text. The generated text is the main member's token surface bytes decoded with
+``errors="replace"`` (transformers' ``decode`` may print a run of byte-fallback tokens
+differently); stop strings are searched in that text.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from dln_ens.ensemble.align import TokenTrack, final_text, visible_text
+from dln_ens.fusion.methods import Fusion
+from dln_ens.lm.base import Generation, Score
+from dln_ens.lm.batching import chunks, pad, positions
+from dln_ens.lm.stopping import cut_at_stop, first_stop, sequence_seeds
+from dln_ens.relrep.vocab import token_surfaces
+
+SCORE_MODES = ("exact", "fast")
+
+
+class _Lane:
+    """One member's batched decoding state: a KV cache whose mask may have holes."""
+
+    def __init__(self, member, seqs: list[list[int]]):
+        self.member = member
+        self.keeps_logits = "logits_to_keep" in inspect.signature(member.forward).parameters
+        ids, mask = pad(seqs, member.pad_token_id, "left", member.device)
+        self.logits, self.cache = self._forward(ids, mask, None, positions(mask, ids.shape[1]))
+        self.mask = mask
+        width = ids.shape[1]
+        self.slots = [list(range(width - len(s), width)) for s in seqs]   # cache column of each token
+
+    def _forward(self, ids, mask, cache, pos):
+        if self.keeps_logits:
+            logits, cache = self.member.forward(ids, mask, cache, pos, logits_to_keep=1)
+        else:
+            logits, cache = self.member.forward(ids, mask, cache, pos)
+        return logits[:, -1], cache
+
+    def advance(self, keep: list[int], new: list[list[int]]) -> None:
+        """Row b keeps its first keep[b] tokens and appends new[b] (a rolled-back row must
+        append at least one token). Rows with nothing new keep their logits."""
+        for b, k in enumerate(keep):
+            dropped = self.slots[b][k:]
+            if dropped:
+                if not new[b]:
+                    raise ValueError("a rolled-back row must feed at least one token")
+                self.mask[b, dropped] = 0
+                del self.slots[b][k:]
+        n = max(len(x) for x in new)
+        if n == 0:
+            return
+        fed = [b for b, x in enumerate(new) if x]
+        ids, block = pad(new, self.member.pad_token_id, "left", self.mask.device)
+        pos = torch.zeros_like(ids)
+        width = self.mask.shape[1]
+        for b in fed:
+            m = len(new[b])
+            pos[b, n - m:] = torch.arange(len(self.slots[b]), len(self.slots[b]) + m)
+            self.slots[b].extend(range(width + n - m, width + n))
+        self.mask = torch.cat([self.mask, block], 1)
+        logits, self.cache = self._forward(ids, self.mask, self.cache, pos)
+        rows = torch.tensor(fed, device=logits.device)
+        self.logits = self.logits.index_copy(0, rows.to(self.logits.device), logits[rows].to(self.logits.device))
+
+    def select(self, rows: list[int]) -> None:
+        idx = torch.tensor(rows, dtype=torch.long)
+        self.cache.batch_select_indices(idx.to(self.mask.device))
+        self.mask = self.mask[idx.to(self.mask.device)]
+        self.logits = self.logits[idx.to(self.logits.device)]
+        self.slots = [self.slots[r] for r in rows]
+
+
+class EnsembleLanguageModel:
+    """DeePEn-style fusion of local members (name -> HFLanguageModel-like) over ``main``'s vocabulary.
+
+    matrices: directory built by ``sh sh/mat.sh`` (fingerprints checked) or a preloaded
+    {name: RelRepMatrix}. tail_mass / max_support: restrict the relative-space work to each
+    distribution's top tokens holding 1 - tail_mass of the mass (`fusion.relative`); 0 = exact.
+    """
+
+    def __init__(self, members: dict, main: str, matrices=None, weights: dict[str, float] | None = None,
+                 method: str = "deepen", lr: float = 0.15, steps: int = 5, union_topk: int = 10,
+                 score_mode: str = "exact", compute_device: str = "cpu", name: str | None = None,
+                 tail_mass: float = 1e-4, max_support: int = 256, batch_size: int | None = None,
+                 window: int = 4, verify_alignment: bool = False):
+        if not members:
+            raise ValueError("EnsembleLanguageModel: no members")
+        if main not in members:
+            raise ValueError(f"main member {main!r} is not among the members {list(members)}")
+        if score_mode not in SCORE_MODES:
+            raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
+        self.members, self.main, self.names = dict(members), main, list(members)
+        self.others = [n for n in self.names if n != main]
+        self.name = name or "ensemble(" + "+".join(self.names) + ")"
+        self.score_mode, self.window, self.verify_alignment = score_mode, window, verify_alignment
+        self.batch_size = batch_size or getattr(members[main], "batch_size", 8)
+        self.main_member = members[main]
+        self.vocab_size = self.main_member.vocab_size
+        self.eos_token_id = self.main_member.eos_token_id
+        self.stop_ids = set(getattr(self.main_member, "stop_token_ids", None) or
+                            ([self.eos_token_id] if self.eos_token_id is not None else []))
+        self.surfaces = token_surfaces(self.main_member.tokenizer)
+        mats = None
+        if method == "deepen" and len(self.names) > 1 and lr != 0 and steps != 0:
+            mats = self._load_matrices(matrices)
+        surf = toks = None
+        if method == "union":
+            surf = {n: token_surfaces(m.tokenizer) for n, m in members.items()}
+            toks = {n: m.tokenizer.convert_ids_to_tokens(list(range(len(surf[n])))) for n, m in members.items()}
+        self.fusion = Fusion(method, self.names, main, matrices=mats, weights=weights, lr=lr, steps=steps,
+                             union_topk=union_topk, tail_mass=tail_mass, max_support=max_support,
+                             surfaces=surf, tokens=toks, device=compute_device)
+        self.compute_device = self.fusion.device
+
+    def _load_matrices(self, matrices):
+        if matrices is None:
+            raise ValueError(f"{self.name}: method 'deepen' needs relative-representation matrices "
+                             f"(a directory built by `sh sh/mat.sh`, or a dict of RelRepMatrix)")
+        if isinstance(matrices, (str, Path)):
+            from dln_ens.relrep.store import load_matrices
+            mats, _ = load_matrices(matrices, self.members)
+        else:
+            mats = dict(matrices)
+        for n in self.names:
+            if n not in mats:
+                raise ValueError(f"{self.name}: no matrix for member {n!r}; rebuild with `sh sh/mat.sh`")
+            if mats[n].num_rows != self.members[n].vocab_size:
+                raise ValueError(f"{self.name}: the matrix of {n!r} has {mats[n].num_rows} rows but the model "
+                                 f"has {self.members[n].vocab_size} logits; rebuild with `sh sh/mat.sh`")
+        return mats
+
+    # ---- one batch of sequences -------------------------------------------------------------
+
+    def _start(self, texts: list[str], main_ids: list[list[int]]):
+        tracks = {n: [TokenTrack(self.members[n].tokenizer, t, window=self.window, verify=self.verify_alignment,
+                                 name=n) for t in texts] for n in self.others}
+        for n in self.others:
+            for t, tr in zip(texts, tracks[n]):
+                if not tr.ids:
+                    raise ValueError(f"member {n!r} encodes the context {t[:40]!r} to no tokens; "
+                                     f"give a non-empty context")
+        lanes = {self.main: _Lane(self.main_member, main_ids)}
+        for n in self.others:
+            lanes[n] = _Lane(self.members[n], [tr.ids for tr in tracks[n]])
+        return tracks, lanes
+
+    def _fused(self, lanes) -> torch.Tensor:
+        return self.fusion({n: lane.logits for n, lane in lanes.items()})
+
+    @torch.inference_mode()
+    def _run(self, texts: list[str], main_ids: list[list[int]], max_new_tokens: int, stop: Sequence[str] = (),
+             temperature: float = 0.0, seeds=None, forced: list[list[int]] | None = None):
+        """Decode one batch. Returns per row (ids, log-probs, generated bytes)."""
+        B = len(texts)
+        out_ids, out_lp, gen = [[] for _ in range(B)], [[] for _ in range(B)], [b"" for _ in range(B)]
+        if max_new_tokens <= 0:
+            return out_ids, out_lp, gen
+        prompt_bytes = [t.encode("utf-8") for t in texts]
+        tracks, lanes = self._start(texts, main_ids)
+        gens = None
+        if temperature > 0:
+            gens = [torch.Generator(device=self.compute_device).manual_seed(s) for s in seeds]
+        rows = list(range(B))
+        for t in range(max_new_tokens):
+            logp = self._fused(lanes)
+            if forced is not None:
+                tok = torch.tensor([forced[r][t] for r in rows], device=logp.device)
+            elif temperature == 0:
+                tok = logp.argmax(-1)
+            else:
+                probs = torch.softmax(logp / temperature, -1)
+                tok = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)])
+            lp = logp.gather(1, tok[:, None])[:, 0].tolist()
+            tok = tok.tolist()
+            done = []
+            for i, r in enumerate(rows):
+                out_ids[r].append(tok[i])
+                out_lp[r].append(lp[i])
+                if forced is not None:
+                    gen[r] += self.surfaces[tok[i]] or b""
+                    done.append(len(out_ids[r]) == len(forced[r]))
+                elif tok[i] in self.stop_ids:
+                    done.append(True)
+                else:
+                    gen[r] += self.surfaces[tok[i]] or b""
+                    done.append(bool(stop) and first_stop(final_text(gen[r]), stop) >= 0)
+            if t == max_new_tokens - 1 or all(done):
+                break
+            if any(done):
+                live = [i for i, d in enumerate(done) if not d]
+                for lane in lanes.values():
+                    lane.select(live)
+                for n in self.others:
+                    tracks[n] = [tracks[n][i] for i in live]
+                tok, rows = [tok[i] for i in live], [rows[i] for i in live]
+                gens = gens and [gens[i] for i in live]
+            lanes[self.main].advance([len(s) for s in lanes[self.main].slots], [[x] for x in tok])
+            for n in self.others:
+                keep, new = [], []
+                for tr, r in zip(tracks[n], rows):
+                    old = len(tr.ids)
+                    k = tr.update(visible_text(prompt_bytes[r] + gen[r]))
+                    if k < old and k == len(tr.ids):   # rolled back to a shorter sequence: re-feed its last token
+                        k -= 1
+                    keep.append(k)
+                    new.append(tr.ids[k:])
+                lanes[n].advance(keep, new)
+        return out_ids, out_lp, gen
+
+    # ---- the protocol -----------------------------------------------------------------------
+
+    def generate(self, prompts: list[str], *, max_new_tokens: int, stop: Sequence[str] = (),
+                 temperature: float = 0.0, seed: int | None = None) -> list[Generation]:
+        """As `LanguageModel.generate`; ``logprob`` sums the fused (untempered) log-probs of the
+        generated tokens, through the one that completed a stop string or the EOS token."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        seeds = [None] * len(prompts)
+        if temperature > 0:
+            if seed is None:
+                seed = int(torch.randint(0, 2 ** 62, ()).item())
+            seeds = sequence_seeds(seed, prompts)
+        main = self.main_member
+        out: list[Generation | None] = [None] * len(prompts)
+        for idx in chunks(list(range(len(prompts))), self.batch_size):
+            texts = [prompts[i] for i in idx]
+            main_ids = [main.nonempty(main.encode(p)) for p in texts]
+            ids, lps, gen = self._run(texts, main_ids, max_new_tokens, stop, temperature, [seeds[i] for i in idx])
+            for j, i in enumerate(idx):
+                out[i] = Generation(text=cut_at_stop(final_text(gen[j]), stop), logprob=float(sum(lps[j])),
+                                    num_tokens=len(ids[j]))
+        return out
+
+    def _context_text(self, context: str, ctx_ids: list[int]) -> str:
+        """The text the main member's context ids stand for (``split_pairs`` may move trailing
+        whitespace into the target)."""
+        stripped = context.rstrip()
+        if stripped != context and self.main_member.encode(stripped) == ctx_ids:
+            return stripped
+        return context
+
+    def score(self, contexts: list[str], targets: list[str]) -> list[Score]:
+        """Teacher-forced fused log p(target | context) over the main member's tokenisation of
+        the target (`HFLanguageModel.split_pairs`). ``score_mode="exact"``: every member is
+        conditioned on exactly the text before each target token, tokenised as in generation.
+        ``"fast"``: one forward per member over context + target, read where that member has a
+        token boundary at the prefix's end; prefixes without such a boundary are run exactly."""
+        pairs = self.main_member.split_pairs(contexts, targets)
+        out = [Score(0.0, 0)] * len(pairs)
+        todo = [i for i, (_, t) in enumerate(pairs) if t]
+        texts = {i: self._context_text(contexts[i], pairs[i][0]) for i in todo}
+        if self.score_mode == "fast":
+            for i in todo:
+                lp = self._score_fast(texts[i], pairs[i][0], pairs[i][1])
+                out[i] = Score(float(lp.sum()), len(pairs[i][1]))
+            return out
+        for idx in chunks(todo, self.batch_size):
+            forced = [pairs[i][1] for i in idx]
+            _, lps, _ = self._run([texts[i] for i in idx], [pairs[i][0] for i in idx], max(map(len, forced)),
+                                  forced=forced)
+            for j, i in enumerate(idx):
+                out[i] = Score(float(sum(lps[j])), len(forced[j]))
+        return out
+
+    @torch.inference_mode()
+    def _score_fast(self, context: str, ctx_ids: list[int], tgt: list[int]) -> torch.Tensor:
+        """Per-target-token fused log-probs [T] of one pair, one forward per member."""
+        T = len(tgt)
+        ctx_bytes = context.encode("utf-8")
+        piece = [self.surfaces[t] or b"" for t in tgt]
+        prefixes = [visible_text(ctx_bytes + b"".join(piece[:t])) for t in range(T)]
+        full = visible_text(ctx_bytes + b"".join(piece))
+        main = self.main_member
+        seq = ctx_ids + tgt[:-1]
+        ids = torch.tensor([seq])
+        logits, _ = main.forward(ids, torch.ones_like(ids), None, positions(torch.ones_like(ids), len(seq)))
+        per_member = {self.main: logits[0, len(ctx_ids) - 1:]}
+        for n in self.others:
+            member = self.members[n]
+            enc = member.tokenizer(full, return_offsets_mapping=True)
+            fids, offs = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+            at: dict[int, int] = {}   # prefix length in chars -> index of the token ending there
+            for j, (s, e) in enumerate(offs):
+                if e > 0 and (j + 1 == len(offs) or offs[j + 1][0] >= e):
+                    at[e] = j
+            ids = torch.tensor([fids])
+            logits, _ = member.forward(ids, torch.ones_like(ids), None, positions(torch.ones_like(ids), len(fids)))
+            rows = [None] * T
+            missing = []
+            for t, p in enumerate(prefixes):
+                j = at.get(len(p))
+                if j is not None:
+                    rows[t] = logits[0, j]
+                else:
+                    missing.append(t)
+            if missing:
+                lane = _Lane(member, [member.encode(prefixes[t]) for t in missing])
+                for t, row in zip(missing, lane.logits):
+                    rows[t] = row
+            per_member[n] = torch.stack(rows)
+        logp = self.fusion(per_member)
+        return logp.gather(1, torch.tensor(tgt, device=logp.device)[:, None])[:, 0].cpu()
+
+    @torch.inference_mode()
+    def next_token_distribution(self, contexts: list[str]) -> torch.Tensor:
+        """[B, V_main] float32 fused log-probabilities (cpu) of the token after each context."""
+        main = self.main_member
+        out = torch.empty((len(contexts), self.vocab_size), dtype=torch.float32)
+        for idx in chunks(list(range(len(contexts))), self.batch_size):
+            texts = [contexts[i] for i in idx]
+            _, lanes = self._start(texts, [main.nonempty(main.encode(c)) for c in texts])
+            out[idx] = self._fused(lanes).cpu()
+        return out
+
+    def next_token_logprobs(self, contexts: list[str], candidates: list[str]) -> np.ndarray:
+        """One fused step per context; candidates tokenised by the main member exactly as
+        `HFLanguageModel.next_token_logprobs` does (max over with / without a leading space)."""
+        if any(not c.strip() for c in candidates):
+            raise ValueError(f"candidates must be non-blank strings, got {candidates!r}")
+        main = self.main_member
+        dist = self.next_token_distribution(contexts)
+        bases = [c[1:] if c.startswith(" ") else c for c in candidates]
+        variants = [v for b in bases for v in (" " + b, b)]
+        ctxs = main.encode_many(contexts)
+        wholes = main.encode_many([x + v for x in contexts for v in variants])
+        alone = [main.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in variants]
+        first = torch.empty((len(contexts), len(variants)), dtype=torch.long)
+        for i, ctx in enumerate(ctxs):
+            for j in range(len(variants)):
+                whole = wholes[i * len(variants) + j]
+                ok = whole[:len(ctx)] == ctx and len(whole) > len(ctx)
+                first[i, j] = whole[len(ctx)] if ok else alone[j]
+        lp = dist.gather(1, first).view(len(contexts), len(candidates), 2)
+        return lp.max(-1).values.numpy()

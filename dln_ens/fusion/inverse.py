@@ -1,0 +1,102 @@
+"""DeePEn's inverse map: from the aggregated anchor distribution q back to the main vocabulary.
+
+The published procedure (OrangeInSouth/DeePEn, src/logits_processor/
+based_on_probaility_transfer_logits_processor.py), reproduced step for step:
+
+    z = main logits (float32 copy, requires_grad)
+    optimizer = AdamW([z], lr, betas=(0.9, 0.999))          # torch default weight_decay 0.01
+    scheduler = CosineAnnealingLR(optimizer, T_max=10, eta_min=lr / 4)
+    repeat `steps` times:
+        loss = KLDivLoss()(log(softmax(z) @ R_main), q)     # reduction 'mean' over all elements
+        zero_grad; backward; optimizer.step(); scheduler.step()
+    the fused distribution is softmax(z) after the last step (the processor returns z itself).
+
+Batching. KLDivLoss's 'mean' divides by B x A, so a batch would shrink every row's gradient by
+B, and Adam's eps (1e-8) is not negligible against those gradients (a token's gradient is about
+p_token / A): the result would depend on the batch size. Here the loss is the per-row mean over
+the A anchors, summed over rows: row b's gradient is exactly the one-sequence gradient, and
+AdamW is elementwise, so each row follows exactly its one-sequence trajectory.
+
+Support (speed, optional). Tokens far in the tail get gradients ~p/A, below Adam's eps, and
+barely move; their only real change is AdamW's weight decay, a known scale factor. With a
+`Support`, only its tokens are optimised; the tail's logits follow the weight decay exactly
+(z <- z (1 - lr_t wd) per step), enter the softmax normaliser exactly, and their relative
+representation is the uniform one (as in `to_relative`). ``support=None`` is the exact search.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dln_ens.fusion.relative import Support, relative_from_support, relative_grad, support_rows, to_relative
+from dln_ens.relrep.matrix import RelRepMatrix
+
+BETAS = (0.9, 0.999)
+EPS = 1e-8            # torch.optim.AdamW's default
+WEIGHT_DECAY = 0.01   # torch.optim.AdamW's default; the reference does not set it
+T_MAX = 10            # the reference's CosineAnnealingLR(T_max=10, eta_min=lr / 4)
+
+
+def cosine_lr(lr: float, t: int) -> float:
+    """CosineAnnealingLR(T_max=10, eta_min=lr / 4)'s learning rate at step t (closed form)."""
+    eta_min = lr / 4
+    return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * t / T_MAX)) / 2
+
+
+def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: float = 0.15, steps: int = 5,
+                   support: Support | None = None) -> torch.Tensor:
+    """Fused log-probabilities [B, V] over the main vocabulary from main logits z [B, V] and the
+    target anchor distribution q [B, A]. ``lr == 0`` or ``steps == 0``: the main member alone.
+
+    The gradient is written out (no autograd graph, no optimizer object: a decoding step is
+    small, their overhead is not): with L = sum_b mean_a q log(q / r), r = p @ R,
+      dL/dr = -q / (A r),  dL/dp = R @ dL/dr,  dL/dz = p * (dL/dp - <p, dL/dp>)
+    (the tail's mass t enters <p, dL/dp> with dL/dt = sum_a dL/dr_a / A). tests/test_fusion.py
+    checks it against torch's AdamW + KLDivLoss + CosineAnnealingLR on the reference loop."""
+    z0 = z.detach().float()
+    if lr == 0 or steps == 0:
+        return torch.log_softmax(z0, -1)
+    if z0.shape[-1] != mat.num_rows:
+        raise ValueError(f"main logits width {z0.shape[-1]} != main matrix rows {mat.num_rows}")
+    q = q.detach().float()
+    A = mat.num_anchors
+    if support is None:
+        param = z0.clone()
+    else:
+        param = z0.gather(1, support.idx)
+        rows, cols = support.valid.nonzero(as_tuple=True)
+        tail_logits = z0.clone()
+        tail_logits[rows, support.idx[rows, cols]] = float("-inf")
+        mat_rows = support_rows(support, mat)   # the same rows at every step
+    m = torch.zeros_like(param)
+    v = torch.zeros_like(param)
+    scale = 1.0   # the tail's accumulated weight decay
+    for t in range(steps):
+        if support is None:
+            p = torch.softmax(param, -1)
+            r = to_relative(p, mat)
+            g_p = relative_grad(-q / (A * r), mat)
+            grad = p * (g_p - (p * g_p).sum(-1, keepdim=True))
+        else:
+            zs = param.masked_fill(~support.valid, float("-inf"))
+            lse_tail = torch.logsumexp(tail_logits * scale, -1, keepdim=True)
+            lse = torch.logaddexp(torch.logsumexp(zs, -1, keepdim=True), lse_tail)
+            p, tail = torch.exp(zs - lse), torch.exp(lse_tail - lse)
+            g_r = -q / (A * relative_from_support(p, support, mat, tail=tail[:, 0], rows=mat_rows))
+            g_p = relative_grad(g_r, mat, support, rows=mat_rows)
+            g_tail = g_r.sum(-1, keepdim=True) / A
+            grad = p * (g_p - (p * g_p).sum(-1, keepdim=True) - tail * g_tail)
+        # torch.optim.AdamW's update, step t + 1
+        lr_t = cosine_lr(lr, t)
+        param.mul_(1 - lr_t * WEIGHT_DECAY)
+        m.mul_(BETAS[0]).add_(grad, alpha=1 - BETAS[0])
+        v.mul_(BETAS[1]).addcmul_(grad, grad, value=1 - BETAS[1])
+        bc1, bc2 = 1 - BETAS[0] ** (t + 1), 1 - BETAS[1] ** (t + 1)
+        param.addcdiv_(m, (v.sqrt() / math.sqrt(bc2)).add_(EPS), value=-lr_t / bc1)
+        scale *= 1.0 - lr_t * WEIGHT_DECAY
+    if support is None:
+        return torch.log_softmax(param, -1)
+    out = z0 * scale
+    out[rows, support.idx[rows, cols]] = param[rows, cols]
+    return torch.log_softmax(out, -1)

@@ -1,0 +1,134 @@
+"""Next-token distributions into the shared anchor space and back (DeePEn steps 2 and 3's map).
+
+``r = p @ R``: a member's distribution over its vocabulary becomes a distribution over the A
+anchors. R is a `RelRepMatrix`, dense ([V, A]) or sparse (per row the top-k anchors plus a
+leftover mass spread uniformly over all A anchors).
+
+Speed: a full sparse product reads V x k entries (2M for a 32k vocabulary at k = 64), far more
+than a decoding step of a small model costs. Next-token distributions put nearly all their mass
+on few tokens, so the product can be restricted to a *support*: per row the smallest set of
+most probable tokens holding at least ``1 - tail_mass`` of the mass, capped at ``max_support``
+tokens (a flat row then leaves more mass out). The tail's relative representation is taken as
+uniform over the anchors (its exact value needs the whole matrix), so r moves by at most the
+left-out mass in L1. ``support=None`` is the exact product over the whole vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dln_ens.relrep.matrix import RelRepMatrix
+
+
+@dataclass
+class Support:
+    """Per row, the token ids that carry the mass (padded to a common width)."""
+    idx: torch.Tensor    # [B, S] int64 token ids, most probable first
+    valid: torch.Tensor  # [B, S] bool, False on padding columns
+
+
+def top_mass_support(probs: torch.Tensor, tail_mass: float, max_support: int, first: int = 64) -> Support:
+    """The smallest top set of each row with mass >= 1 - tail_mass (at most ``max_support`` ids;
+    a row needing more keeps its ``max_support`` most probable ids)."""
+    V = probs.shape[-1]
+    k = min(first, V, max_support)
+    vals, idx = probs.topk(k, dim=-1)
+    need = (vals.cumsum(-1) < 1.0 - tail_mass).sum(-1) + 1   # ids needed per row
+    if int(need.max()) > k and k < min(V, max_support):
+        k = min(V, max_support)
+        vals, idx = probs.topk(k, dim=-1)
+        need = (vals.cumsum(-1) < 1.0 - tail_mass).sum(-1) + 1
+    need = need.clamp(max=k)
+    width = int(need.max())
+    valid = torch.arange(width, device=probs.device) < need[:, None]
+    return Support(idx[:, :width], valid)
+
+
+@dataclass
+class SupportRows:
+    """The matrix rows of a support's tokens, gathered once for the steps that reuse them."""
+    cols: torch.Tensor | None = None       # sparse: [B, S*k] anchor indices
+    vals: torch.Tensor | None = None       # sparse: [B, S, k]
+    residual: torch.Tensor | None = None   # sparse: [B, S]
+    dense: torch.Tensor | None = None      # dense: [B, S, A]
+
+
+def support_rows(support: Support, mat: RelRepMatrix) -> SupportRows:
+    idx = support.idx
+    if not mat.is_sparse:
+        return SupportRows(dense=mat.dense[idx])
+    return SupportRows(cols=mat.topk_idx[idx].reshape(idx.shape[0], -1), vals=mat.topk_val[idx],
+                       residual=mat.residual[idx])
+
+
+def relative_from_support(p_s: torch.Tensor, support: Support, mat: RelRepMatrix,
+                          tail: torch.Tensor | None = None, rows: SupportRows | None = None) -> torch.Tensor:
+    """[B, A]: ``sum_s p_s[b, s] R[idx[b, s]]`` plus ``tail[b]`` spread uniformly over anchors."""
+    rows = rows or support_rows(support, mat)
+    B, S = p_s.shape
+    A = mat.num_anchors
+    p_s = p_s * support.valid
+    if rows.dense is not None:
+        r = torch.einsum("bs,bsa->ba", p_s, rows.dense)
+        return r if tail is None else r + (tail / A).unsqueeze(-1)
+    uniform = (p_s * rows.residual).sum(-1)                  # [B]
+    if tail is not None:
+        uniform = uniform + tail
+    out = (uniform / A).unsqueeze(-1).expand(B, A)
+    return out.scatter_add(1, rows.cols, (p_s.unsqueeze(-1) * rows.vals).reshape(B, -1))
+
+
+def to_relative(probs: torch.Tensor, mat: RelRepMatrix, support: Support | None = None) -> torch.Tensor:
+    """[B, V] probabilities -> [B, A] relative representation. With a support, the mass outside
+    it is spread uniformly (see the module note); without, the exact product."""
+    if probs.shape[-1] != mat.num_rows:
+        raise ValueError(f"distribution width {probs.shape[-1]} != matrix rows {mat.num_rows}: the "
+                         f"matrix was built for another model; rebuild it (`sh sh/mat.sh`)")
+    if support is None:
+        if not mat.is_sparse:
+            return probs @ mat.dense
+        return _sparse_full(probs, mat)
+    p_s = probs.gather(1, support.idx) * support.valid
+    return relative_from_support(p_s, support, mat, tail=(1.0 - p_s.sum(-1)).clamp_min(0.0))
+
+
+def _sparse_full(probs: torch.Tensor, mat: RelRepMatrix, block: int = 8192) -> torch.Tensor:
+    """Exact ``probs @ R`` for a sparse R, in row blocks of the vocabulary to bound memory."""
+    B, V = probs.shape
+    out = ((probs @ mat.residual) / mat.num_anchors).unsqueeze(-1).expand(B, mat.num_anchors).clone()
+    for lo in range(0, V, block):
+        hi = min(lo + block, V)
+        vals = (probs[:, lo:hi, None] * mat.topk_val[lo:hi]).reshape(B, -1)
+        cols = mat.topk_idx[lo:hi].reshape(1, -1).expand(B, -1)
+        out.scatter_add_(1, cols, vals)
+    return out
+
+
+def relative_grad(g_r: torch.Tensor, mat: RelRepMatrix, support: Support | None = None,
+                  rows: SupportRows | None = None) -> torch.Tensor:
+    """The transpose map: ``d loss / d p = R @ g_r`` for a loss gradient g_r [B, A] in anchor
+    space, over the support's tokens [B, S] (or the whole vocabulary [B, V])."""
+    B, A = g_r.shape
+    uniform = g_r.sum(-1, keepdim=True) / A
+    if support is None:
+        if not mat.is_sparse:
+            return g_r @ mat.dense.T
+        out = torch.empty(B, mat.num_rows, dtype=g_r.dtype, device=g_r.device)
+        for lo in range(0, mat.num_rows, 8192):
+            hi = min(lo + 8192, mat.num_rows)
+            out[:, lo:hi] = (g_r[:, mat.topk_idx[lo:hi]] * mat.topk_val[lo:hi]).sum(-1)
+        return out + mat.residual * uniform
+    rows = rows or support_rows(support, mat)
+    if rows.dense is not None:
+        return torch.einsum("bsa,ba->bs", rows.dense, g_r)
+    picked = g_r.gather(1, rows.cols).view(rows.vals.shape)
+    return (picked * rows.vals).sum(-1) + rows.residual * uniform
+
+
+def aggregate(rels: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """``q = sum_m w_m r_m`` (weights already normalised to sum to 1)."""
+    q = torch.zeros_like(rels[0])
+    for w, r in zip(weights, rels):
+        q = q + w * r
+    return q

@@ -1,0 +1,146 @@
+"""Fusion math against straightforward implementations written here (DeePEn's reference loop)."""
+import torch
+from torch import nn
+from torch.optim import lr_scheduler
+
+from dln_ens.fusion.inverse import deepen_inverse
+from dln_ens.fusion.methods import Fusion
+from dln_ens.fusion.relative import to_relative, top_mass_support
+from dln_ens.relrep.matrix import RelRepMatrix, dense_to_sparse
+
+
+def random_matrix(V, A, temperature=20.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(temperature * torch.rand(V, A, generator=g), -1)
+
+
+def peaked_logits(B, V, scale=8.0, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(B, V, generator=g)
+
+
+def reference_inverse(z, q, R, lr, steps):
+    """DeePEn's processor loop for ONE sequence, as published (dense R, batch of 1)."""
+    z = z.detach().clone().float()[None].requires_grad_(True)
+    criterion = nn.KLDivLoss()
+    opt = torch.optim.AdamW(params=[z], lr=lr, betas=(0.9, 0.999))
+    sched = lr_scheduler.CosineAnnealingLR(opt, T_max=10, eta_min=lr / 4)
+    for _ in range(steps):
+        r = torch.mm(nn.functional.softmax(z, dim=-1).float(), R)
+        loss = criterion(torch.log(r), q[None])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return torch.log_softmax(z.detach()[0], -1)
+
+
+def reference_step(logits, dense, main, weights, lr, steps):
+    """Whole DeePEn step per sequence: p -> p @ R -> weighted q -> reference inverse."""
+    out = []
+    for b in range(next(iter(logits.values())).shape[0]):
+        q = sum(w * (torch.softmax(logits[n][b], -1) @ dense[n]) for n, w in weights.items())
+        out.append(reference_inverse(logits[main][b], q, dense[main], lr, steps))
+    return torch.stack(out)
+
+
+def setup(V=(300, 200, 250), A=60, B=4):
+    names = ["a", "b", "c"]
+    dense = {n: random_matrix(v, A, seed=i) for i, (n, v) in enumerate(zip(names, V))}
+    logits = {n: peaked_logits(B, v, scale=3.0 + i, seed=10 + i) for i, (n, v) in enumerate(zip(names, V))}
+    return names, dense, logits
+
+
+def test_dense_step_equals_reference_loop_per_sequence():
+    names, dense, logits = setup()
+    mats = {n: RelRepMatrix(dense[n].shape[1], dense=dense[n]) for n in names}
+    fuse = Fusion("deepen", names, "a", matrices=mats, lr=0.15, steps=5, tail_mass=0.0)
+    got = fuse(logits)
+    want = reference_step(logits, dense, "a", {n: 1 / 3 for n in names}, 0.15, 5)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, torch.log_softmax(logits["a"], -1), atol=1e-3)   # the search moved
+
+
+def test_batch_composition_does_not_change_a_row():
+    names, dense, logits = setup(B=5)
+    mats = {n: RelRepMatrix(dense[n].shape[1], dense=dense[n]) for n in names}
+    fuse = Fusion("deepen", names, "a", matrices=mats, tail_mass=0.0, weights={"a": 0.5, "b": 0.3, "c": 0.2})
+    batch = fuse(logits)
+    # float32 rounding differs between batched and single-row products; Adam's normalised steps
+    # turn it into differences of a few 1e-6 (the reference loop itself shows the same)
+    for b in range(5):
+        alone = fuse({n: x[b:b + 1] for n, x in logits.items()})
+        assert torch.allclose(batch[b], alone[0], atol=5e-5, rtol=0)
+    want = reference_step(logits, dense, "a", {"a": 0.5, "b": 0.3, "c": 0.2}, 0.15, 5)
+    assert torch.allclose(batch, want, atol=5e-5, rtol=0)
+
+
+def test_sparse_matrices_match_their_dense_form():
+    names, dense, logits = setup()
+    sparse = {n: dense_to_sparse(dense[n], 8) for n in names}
+    as_dense = {n: sparse[n].to_dense() for n in names}
+    assert torch.allclose(as_dense["a"].sum(-1), torch.ones(300), atol=1e-5)
+    p = torch.softmax(logits["b"], -1)
+    assert torch.allclose(to_relative(p, sparse["b"]), p @ as_dense["b"], atol=1e-6)
+    got = Fusion("deepen", names, "a", matrices=sparse, tail_mass=0.0)(logits)
+    want = reference_step(logits, as_dense, "a", {n: 1 / 3 for n in names}, 0.15, 5)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_support_restriction_is_close_to_exact():
+    names, dense, logits = setup(V=(3000, 2000, 2500), A=200, B=6)
+    logits = {n: x * 2.5 for n, x in logits.items()}   # peaked, as trained LMs are
+    sparse = {n: dense_to_sparse(dense[n], 16) for n in names}
+    exact = Fusion("deepen", names, "a", matrices=sparse, tail_mass=0.0)(logits)
+    fast = Fusion("deepen", names, "a", matrices=sparse, tail_mass=1e-6)(logits)
+    assert torch.equal(exact.argmax(-1), fast.argmax(-1))
+    kl = (exact.exp() * (exact - fast)).sum(-1)
+    assert kl.max() < 1e-4
+    # the relative map with a support: L1 error at most the tail mass left out
+    p = torch.softmax(logits["b"], -1)
+    sup = top_mass_support(p, 1e-3, 1024)
+    assert (sup.valid.sum(-1) < p.shape[-1]).all()
+    err = (to_relative(p, sparse["b"], sup) - to_relative(p, sparse["b"])).abs().sum(-1)
+    assert (err <= 2e-3 + 1e-6).all()
+
+
+def test_top_mass_support_is_smallest_covering_set():
+    p = torch.softmax(torch.tensor([[5.0, 4.0, 1.0, 0.0, -3.0], [0.0, 0.0, 0.0, 0.0, 9.0]]), -1)
+    sup = top_mass_support(p, 0.05, 10)
+    kept = [sup.idx[b][sup.valid[b]].tolist() for b in range(2)]
+    for b in range(2):
+        order = p[b].argsort(descending=True).tolist()
+        n = next(i + 1 for i in range(5) if p[b, order[:i + 1]].sum() >= 0.95)
+        assert kept[b] == order[:n]
+
+
+def test_lr_zero_and_main_method_are_the_main_member():
+    names, dense, logits = setup()
+    mats = {n: RelRepMatrix(dense[n].shape[1], dense=dense[n]) for n in names}
+    want = torch.log_softmax(logits["a"], -1)
+    assert torch.equal(Fusion("deepen", names, "a", matrices=mats, lr=0.0)(logits), want)
+    assert torch.equal(Fusion("main", names, "a")(logits), want)
+    assert torch.equal(deepen_inverse(logits["a"], torch.rand(4, 60), mats["a"], lr=0.0), want)
+
+
+def test_union_against_a_loop():
+    V = 40
+    surfaces = {"a": [bytes([65 + i]) for i in range(V)],
+                "b": [bytes([65 + (i * 7) % 50]) for i in range(V)]}     # b has surfaces a lacks
+    tokens = {n: [s.decode() for s in surf] for n, surf in surfaces.items()}
+    logits = {"a": peaked_logits(3, V, 2.0, 3), "b": peaked_logits(3, V, 2.0, 4)}
+    fuse = Fusion("union", ["a", "b"], "a", surfaces=surfaces, tokens=tokens, union_topk=5,
+                  weights={"a": 0.6, "b": 0.4})
+    got = fuse(logits)
+    for r in range(3):
+        pa, pb = torch.softmax(logits["a"][r], -1), torch.softmax(logits["b"][r], -1)
+        union = {surfaces["a"][i] for i in pa.topk(5).indices.tolist()}
+        union |= {surfaces["b"][i] for i in pb.topk(5).indices.tolist()} & set(surfaces["a"])
+        want = torch.zeros(V)
+        for i in range(V):
+            s = surfaces["a"][i]
+            if s in union:
+                want[i] = 0.6 * pa[i] + 0.4 * sum(pb[j] for j in range(V) if surfaces["b"][j] == s)
+            else:
+                want[i] = 0.6 * pa[i]
+        assert torch.allclose(got[r], torch.log(want / want.sum()), atol=1e-5)
