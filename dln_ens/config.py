@@ -100,6 +100,8 @@ class EvalConfig:
     num_examples: Union[int, None] = None     # None = the whole split
     max_new_tokens: int = 16
     batch_size: int = 16
+    # task name -> the instruction to evaluate under (default: the task's own instruction)
+    instructions: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -115,15 +117,17 @@ class DLNSystem:
 
 @dataclass
 class DLNConfig:
+    # Defaults are sized for the offline demo (4 systems on the zoo's 512-position models, a few
+    # minutes on a laptop CPU); the DLN paper uses far more samples and iterations.
     task: str = "navigate"
     systems: list[DLNSystem] = field(default_factory=list)
-    iters: int = 5
-    batch_size: int = 8
-    num_p_samples: int = 4
-    num_h_samples: int = 3
+    iters: int = 4
+    batch_size: int = 4
+    num_p_samples: int = 2          # proposals per layer and iteration (+ current + memory prompts)
+    num_h_samples: int = 2          # posterior samples of h per example (+ the forward h)
     val_freq: int = 1
-    num_dev: Union[int, None] = 40
-    num_test: Union[int, None] = 100
+    num_dev: Union[int, None] = 20
+    num_test: Union[int, None] = 50
     scoring: Literal["logprob", "accuracy"] = "logprob"
     posterior_temp: float = 1.0
     trust_factor: float = 0.0
@@ -131,14 +135,25 @@ class DLNConfig:
     memory_size: int = 2
     held_out_prompt_ranking: bool = False
     rewrite_wrong_only: bool = False
-    hidden_max_new_tokens: int = 32
+    hidden_max_new_tokens: int = 48
     output_max_new_tokens: int = 16
-    proposal_max_new_tokens: int = 48
+    proposal_max_new_tokens: int = 32
     proposal_temperature: float = 0.7
     h_temperature: float = 0.7
     templates: str = "v1"
     template_dir: Union[str, None] = None   # a user folder of extra templates
     seed: int = 0
+    # template per role: "name" (version `templates`) or "name:version"
+    output_template: str = "classify_forward"      # DLN-1 output layer
+    residual_template: str = "classify_residual"   # DLN-2 output layer (input + h)
+    hidden_template: str = "suffix_forward_tbs"    # DLN-2 hidden layer
+    # the paper's backward template is "q_action_prompt" (v1); the compact version fits 512 positions
+    proposal_template: str = "q_action_prompt:v1-short"
+    posterior_template: str = "suffix_forward_tbs_y"   # q(h | x, y)
+    proposal_max_examples: Union[int, None] = 2    # examples shown per proposal (errors first); None = batch
+    hidden_prompt: Union[str, None] = None   # initial DLN-2 first-layer prompt; None = task instruction
+    length_normalize: bool = True            # free-text log-likelihoods per token (DLN scorer)
+    task_kwargs: dict = field(default_factory=dict)   # passed to load_task (e.g. root, seed)
 
 
 @dataclass
@@ -152,6 +167,9 @@ class TuneModConfig:
     patience: int = 2
     lora: bool = False
     seed: int = 0
+    loss_on: Literal["target", "all"] = "target"   # answer tokens only, or every token
+    max_train_examples: Union[int, None] = None    # None = the whole train split
+    max_dev_examples: Union[int, None] = 200       # held-out loss for early stopping
 
 
 @dataclass
@@ -368,6 +386,9 @@ def _check_references(cfg: Config, ctx: _Ctx, check_paths: bool) -> None:
     if cfg.eval is not None:
         for i, n in enumerate(cfg.eval.backends):
             need(f"eval.backends[{i}]", n)
+        for t in cfg.eval.instructions:
+            if t not in cfg.eval.tasks:
+                raise ctx.error(f"eval.instructions.{t}", f"not one of eval.tasks {cfg.eval.tasks}")
     if cfg.dln is not None:
         for i, s in enumerate(cfg.dln.systems):
             for part in ("backend", "hidden_backend", "proposer", "posterior"):

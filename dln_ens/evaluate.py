@@ -46,7 +46,7 @@ def _cell_key(cfg: Config, backend: str, task: str) -> str:
     """Changes whenever anything that could change the cell's result changes."""
     ev = cfg.eval
     blob = json.dumps([config_to_dict(cfg.backends), backend, task, ev.split, ev.num_examples,
-                       ev.max_new_tokens], sort_keys=True)
+                       ev.max_new_tokens, ev.instructions.get(task)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -69,7 +69,7 @@ def evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool = True)
             examples = getattr(task, ev.split)[: ev.num_examples]
             lm = pool.get(backend)
             t0 = time.perf_counter()
-            prompts = forward_prompts(task, examples)
+            prompts = forward_prompts(task, examples, ev.instructions.get(task_name))
             preds = []
             with tqdm(total=len(prompts), desc=f"eval {backend} on {task_name}", leave=False) as bar:
                 for i in range(0, len(prompts), ev.batch_size):
@@ -78,7 +78,8 @@ def evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool = True)
                     bar.update(len(prompts[i:i + ev.batch_size]))
             seconds = time.perf_counter() - t0
             correct = [task.is_correct(p, ex.target) for p, ex in zip(preds, examples)]
-            row = {**describe_backend(cfg, backend), "task": task_name, "split": ev.split,
+            row = {**describe_backend(cfg, backend), "task": task_name,
+                   "instruction": ev.instructions.get(task_name, task.instruction), "split": ev.split,
                    "n": len(examples), "accuracy": round(float(np.mean(correct)) if correct else 0.0, 4),
                    "seconds": round(seconds, 2)}
             write_jsonl(cells_dir / f"{backend}__{task_name.replace('/', '_')}.predictions.jsonl",
@@ -92,7 +93,8 @@ def evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool = True)
 
 
 def eval_table(rows: list[dict]) -> str:
-    cols = ["backend", "type", "method", "lr", "steps", "matrix", "task", "n", "accuracy", "seconds"]
+    cols = ["backend", "type", "method", "lr", "steps", "matrix", "task", "instruction", "n",
+            "accuracy", "seconds"]
     return markdown_table(rows, cols)
 
 
