@@ -1,0 +1,105 @@
+"""`python -m dln_ens.bench dln`: cost of a DLN training iteration, and what batching saves.
+
+For DLN-1 and DLN-2 on one backend (default: the first DLN system's backend of the config),
+runs ``--iters`` training iterations twice from the same initial prompts: as the trainer sends
+them (every stage one batched call; duplicate requests sent once; score requests sorted so
+those sharing a context / prompt prefix are adjacent and reuse its KV cache), and with every
+request sent alone (`OneAtATimeLM`: no batching, no shared prefix). Reports per iteration the
+backend calls, requests and wall time of each (the fastest of ``--repeats`` alternating runs),
+and the speed-up. The two modes do the same
+work: greedy calls and scores are identical, and sampled calls reuse the same seeds.
+
+    python -m dln_ens.bench.dln --conf conf/default.json [--backend zoo-gpt2] [--iters 2] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from dln_ens.config import DLNSystem, load_config
+from dln_ens.data.registry import load_task
+from dln_ens.dln.calls import CountingLM, OneAtATimeLM
+from dln_ens.dln.run import build_system
+from dln_ens.dln.templates import TemplateLibrary
+from dln_ens.dln.trainer import batch_indices
+from dln_ens.io import atomic_write_text, markdown_table
+
+
+def measure(lm, layers: int, cfg, task, iters: int, one_at_a_time: bool) -> dict:
+    counter = CountingLM(lm)   # counts what reaches the backend
+    backend = OneAtATimeLM(counter) if one_at_a_time else counter
+    library = TemplateLibrary(cfg.templates, cfg.template_dir)
+    system = DLNSystem(name=f"bench{layers}", layers=layers, backend="bench")
+    _, trainer = build_system(system, cfg, task, lambda name: backend, library)
+    t0 = time.perf_counter()
+    prompts = []
+    for it in range(1, iters + 1):
+        idx = batch_indices(len(task.train), cfg.batch_size, cfg.seed, it)
+        trainer.step([task.train[i] for i in idx], it)
+        prompts.append(trainer.net.prompts)
+    seconds = time.perf_counter() - t0
+    snap = counter.snapshot()
+    return {"calls": sum(v["calls"] for v in snap.values()) / iters,
+            "requests": sum(v["requests"] for v in snap.values()) / iters,
+            "seconds": seconds / iters, "by_method": snap, "prompts": prompts}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dln_ens.bench dln", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--conf", default="conf/default.json")
+    ap.add_argument("--backend", default=None, help="backend name (default: the first DLN system's)")
+    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the config's dln.batch_size")
+    ap.add_argument("--layers", default="1,2")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="alternate the two modes this many times and keep each one's fastest run "
+                         "(wall time on a shared machine is noisy; calls and requests are exact)")
+    ap.add_argument("--out", default=None, help="also write the table (Markdown) and JSON here (a folder)")
+    args = ap.parse_args(argv)
+
+    cfg = load_config(args.conf)
+    if cfg.dln is None or not cfg.dln.systems:
+        raise SystemExit(f"{args.conf}: needs a \"dln\" section with at least one system")
+    dcfg = cfg.dln
+    if args.batch_size:
+        dcfg.batch_size = args.batch_size
+    name = args.backend or dcfg.systems[0].backend
+    if name not in cfg.backends:
+        raise SystemExit(f"{args.conf}: no backend {name!r}; defined: {', '.join(cfg.backends)}")
+    from dln_ens.backends import BackendPool
+    lm = BackendPool(cfg).get(name)
+    task = load_task(dcfg.task, **dcfg.task_kwargs)
+
+    rows, raw = [], {}
+    for layers in [int(x) for x in args.layers.split(",")]:
+        measure(lm, layers, dcfg, task, 1, one_at_a_time=False)   # warm-up (first-call costs)
+        runs = {False: [], True: []}
+        for _ in range(max(1, args.repeats)):
+            for single_mode in (False, True):
+                runs[single_mode].append(measure(lm, layers, dcfg, task, args.iters, one_at_a_time=single_mode))
+        batched, single = (min(runs[m], key=lambda r: r["seconds"]) for m in (False, True))
+        raw[f"dln{layers}"] = {"batched": batched, "one_at_a_time": single}
+        for mode, m in (("batched + prefix reuse", batched), ("one request at a time", single)):
+            rows.append({"DLN": layers, "mode": mode, "calls/iter": round(m["calls"], 1),
+                         "requests/iter": round(m["requests"], 1), "s/iter": round(m["seconds"], 2),
+                         "speed-up": round(single["seconds"] / batched["seconds"], 2)
+                         if mode.startswith("batched") else 1.0})
+        if batched["prompts"] != single["prompts"]:
+            print(f"note: DLN-{layers} chose different prompts in the two modes (the backend's "
+                  f"batched and single scores differ numerically)")
+    table = markdown_table(rows)
+    head = (f"DLN iteration cost on backend {name!r}, task {task.name}, batch {dcfg.batch_size}, "
+            f"{dcfg.num_p_samples} prompt / {dcfg.num_h_samples} hidden samples, {args.iters} iterations, "
+            f"fastest of {max(1, args.repeats)} runs per mode\n\n")
+    print(head + table)
+    if args.out:
+        out = Path(args.out)
+        atomic_write_text(out / "bench_dln.md", head + table)
+        atomic_write_text(out / "bench_dln.json", json.dumps(raw, indent=2, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

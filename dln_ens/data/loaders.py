@@ -1,0 +1,475 @@
+"""Loaders of the public task formats under ``datasets/`` (fetched by ``sh sh/data.sh``).
+
+Task names and sources (layout under ``root``, default ``datasets``):
+
+- ``bbh/<task>``: BIG-Bench-Hard ``bbh/<task>.json`` = {"examples": [{"input", "target"}]}.
+- ``ordered_prompt/{mpqa,subj,trec}``: ``ordered_prompt/<task>/{train,dev_subsample,test}.jsonl``
+  with {"sentence", "label"}.
+- ``leopard/{disaster,airline}``: ``leopard/<task>/<task>_eval.json`` = [{"sentence1", "label"}].
+- ``deepen/{nq,triviaqa,arc_c,gsm8k,piqa}``, ``deepen/mmlu/<subject>``: DeePEn's JSONL files
+  ({"question", "answer"} plus "A".."D" for multiple choice).
+
+Splits are deterministic for a given ``seed`` (see datasets/README.md, "Real data"). A
+malformed line or record raises a `DataError` naming the file and line.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import string
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from dln_ens.data.registry import register_task
+from dln_ens.data.task import Example, Task, normalize_answer
+
+DEFAULT_ROOT = "datasets"
+FETCH_HINT = ("fetch the public data with `sh sh/data.sh` (online) or copy a local copy with "
+              "`sh sh/data.sh --from DIR`, or pass root=<folder holding it>")
+
+
+class DataError(ValueError):
+    """A data file problem, naming the file (and line) and what is wrong."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; {FETCH_HINT}")
+    return path
+
+
+def _check_record(rec, where: str, required: dict[str, type]) -> dict:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for key, tp in required.items():
+        if key not in rec:
+            raise DataError(f"{where}: missing key {key!r} (a record needs {', '.join(required)})")
+        if not isinstance(rec[key], tp):
+            names = " or ".join(t.__name__ for t in (tp if isinstance(tp, tuple) else (tp,)))
+            raise DataError(f"{where}: key {key!r} must be {names}, got {type(rec[key]).__name__}")
+    return rec
+
+
+def read_jsonl(path: Path, required: dict[str, type]) -> list[tuple[int, dict]]:
+    """(line number, record) for each non-blank line."""
+    out = []
+    with open(_need(path), encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            out.append((lineno, _check_record(rec, f"{path}:{lineno}", required)))
+    return out
+
+
+def _object_lines(text: str, depth: int) -> list[int]:
+    """Line of each '{' opened at nesting ``depth`` (1 = inside the top-level container),
+    outside strings: the records of a JSON array, for error messages."""
+    lines, level, line, in_str, esc = [], 0, 1, False, False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch in "{[":
+            if ch == "{" and level == depth:
+                lines.append(line)
+            level += 1
+        elif ch in "}]":
+            level -= 1
+    return lines
+
+
+def read_json_records(path: Path, required: dict[str, type], key: str | None = None) -> list[tuple[int, dict]]:
+    """(line number, record) for the array at the top level or under ``key``."""
+    text = _need(path).read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if key is not None:
+        if not isinstance(data, dict) or key not in data:
+            raise DataError(f"{path}:1: expected an object with a {key!r} list")
+        data = data[key]
+    if not isinstance(data, list):
+        raise DataError(f"{path}:1: expected a list of records{f' under {key!r}' if key else ''}")
+    lines = _object_lines(text, 2 if key else 1)
+    if len(lines) != len(data):   # non-object items or other nested objects: fall back to indices
+        lines = [0] * len(data)
+    out = []
+    for i, (line, rec) in enumerate(zip(lines, data)):
+        where = f"{path}:{line}" if line else f"{path}"
+        out.append((line, _check_record(rec, f"{where}: record {i}", required)))
+    return out
+
+
+# ----------------------------------------------------------------------------- answers
+
+def normalize_choice(text: str) -> str:
+    """A multiple-choice answer as "(X)": the first "(X)" in the text, or a leading bare letter."""
+    m = re.search(r"\(([A-Z])\)", text)
+    if m:
+        return f"({m.group(1)})"
+    m = re.match(r"\s*([A-Z])(?:[).:\s]|$)", text)
+    return f"({m.group(1)})" if m else normalize_answer(text)
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def normalize_number(text: str) -> str:
+    """The last number in the first line of the answer ("... the answer is 1,234." -> "1234");
+    texts without a number keep the default normalisation (so they never equal a number)."""
+    first = text.strip().split("\n")[0]
+    found = _NUMBER.findall(first)
+    if not found:
+        return normalize_answer(text)
+    num = found[-1].replace(",", "")
+    if "." in num:
+        num = num.rstrip("0").rstrip(".")
+    return num
+
+
+def normalize_qa(text: str) -> str:
+    """SQuAD-style exact-match normalisation: lower case, no punctuation or articles."""
+    text = text.strip().split("\n")[0].lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+class Answer(str):
+    """A target that also carries the other accepted answers (QA datasets list aliases)."""
+
+    def __new__(cls, text: str, aliases=()):
+        obj = super().__new__(cls, text)
+        obj.aliases = tuple(aliases) or (str(text),)
+        return obj
+
+
+@dataclass
+class AliasTask(Task):
+    """Correct when the prediction matches any alias of the target."""
+
+    def is_correct(self, prediction: str, target: str) -> bool:
+        p = self.normalize(prediction)
+        return any(p == self.normalize(a) for a in getattr(target, "aliases", (target,)))
+
+
+# ----------------------------------------------------------------------------- splits
+
+def _shuffled(items: list, name: str, seed: int) -> list:
+    items = list(items)
+    random.Random(f"{name}:{seed}").shuffle(items)
+    return items
+
+
+def _cut(items: list, sizes: tuple[int, ...]) -> list[list]:
+    out, start = [], 0
+    for n in sizes:
+        out.append(items[start:start + n])
+        start += n
+    return out
+
+
+def _with_options(text: str, options: list[str]) -> str:
+    return text + "\nOptions:\n" + "\n".join(f"- {o}" for o in options)
+
+
+def _mc_input(question: str, rec: dict, letters: str) -> str:
+    return question + "\nOptions:\n" + "\n".join(f"({L}) {rec[L]}" for L in letters)
+
+
+# ----------------------------------------------------------------------------- BIG-Bench-Hard
+
+# task -> (answer kind, instruction). kind: "mc" = "(A)".."(X)", a list = fixed verbalizers,
+# "number" = numeric answer, "free" = free text.
+BBH = {
+    "boolean_expressions": (["True", "False"], "Evaluate the result of a random Boolean expression."),
+    "causal_judgement": (["Yes", "No"], "Answer questions about causal attribution."),
+    "date_understanding": ("mc", "Infer the date from context."),
+    "disambiguation_qa": ("mc", "Clarify the meaning of sentences with ambiguous pronouns."),
+    "dyck_languages": ("free", "Correctly close a Dyck-n word."),
+    "formal_fallacies": (["valid", "invalid"], "Distinguish deductively valid arguments from formal fallacies."),
+    "geometric_shapes": ("mc", "Name geometric shapes from their SVG paths."),
+    "hyperbaton": ("mc", "Which sentence has the correct adjective order:"),
+    "logical_deduction_three_objects": ("mc", "A logical deduction task which requires deducing the order of a sequence of objects."),
+    "logical_deduction_five_objects": ("mc", "A logical deduction task which requires deducing the order of a sequence of objects."),
+    "logical_deduction_seven_objects": ("mc", "The following paragraphs each describe a set of seven objects arranged in a fixed order. The statements are logically consistent within each paragraph."),
+    "movie_recommendation": ("mc", "Recommend movies similar to the given list of movies."),
+    "multistep_arithmetic_two": ("number", "Solve multi-step arithmetic problems."),
+    "navigate": (["Yes", "No"], "If you follow these instructions, do you return to the starting point?"),
+    "object_counting": ("number", "Questions that involve enumerating objects and asking the model to count them."),
+    "penguins_in_a_table": ("mc", "Answer questions about a table of penguins and their attributes."),
+    "reasoning_about_colored_objects": ("mc", "Answer extremely simple questions about the colors of objects on a surface."),
+    "ruin_names": ("mc", "Select the humorous edit that 'ruins' the input movie or musical artist name."),
+    "salient_translation_error_detection": ("mc", "Detect the type of error in an English translation of a German source sentence."),
+    "snarks": ("mc", "Determine which of two sentences is sarcastic."),
+    "sports_understanding": (["yes", "no"], "Determine whether an artificially constructed sentence relating to sports is plausible or not."),
+    "temporal_sequences": ("mc", "Answer questions about which times certain events could have occurred."),
+    "tracking_shuffled_objects_three_objects": ("mc", "A task requiring determining the final positions of a set of objects given their initial positions and a description of a sequence of swaps."),
+    "tracking_shuffled_objects_five_objects": ("mc", "A task requiring determining the final positions of a set of objects given their initial positions and a description of a sequence of swaps."),
+    "tracking_shuffled_objects_seven_objects": ("mc", "A task requiring determining the final positions of a set of objects given their initial positions and a description of a sequence of swaps."),
+    "web_of_lies": (["Yes", "No"], "Evaluate a random boolean function expressed as a word problem."),
+    "word_sorting": ("free", "Sort a list of words."),
+}
+
+
+def load_bbh(task: str, root: str = DEFAULT_ROOT, seed: int = 0) -> Task:
+    """Shuffled with ``seed``: 40% train, 20% dev, 40% test (100/50/100 of 250)."""
+    path = Path(root) / "bbh" / f"{task}.json"
+    recs = read_json_records(path, {"input": str, "target": str}, key="examples")
+    kind, instruction = BBH[task]
+    examples = [Example(r["input"], r["target"]) for _, r in recs]
+    classes, normalize = None, normalize_answer
+    if kind == "mc":
+        letters = {m for e in examples for m in re.findall(r"^\(([A-Z])\)", e.input, re.M)}
+        letters |= {e.target.strip("()") for e in examples}
+        classes = [f"({chr(c)})" for c in range(ord("A"), ord(max(letters)) + 1)]
+        normalize = normalize_choice
+    elif kind == "number":
+        normalize = normalize_number
+    elif isinstance(kind, list):
+        classes = kind
+    if classes:
+        for (line, _), e in zip(recs, examples):
+            if e.target not in classes:
+                raise DataError(f"{path}:{line}: target {e.target!r} is not one of {classes}")
+    n = len(examples)
+    train, dev, test = _cut(_shuffled(examples, f"bbh/{task}", seed), (n * 2 // 5, n // 5, n))
+    return Task(f"bbh/{task}", instruction, train, dev, test, classes=classes, normalize=normalize,
+                description=f"BIG-Bench-Hard {task}", meta={"source": str(path), "seed": seed})
+
+
+for _name in BBH:
+    register_task(f"bbh/{_name}")(partial(load_bbh, _name))
+
+
+# ----------------------------------------------------------------------------- Ordered-Prompt
+
+ORDERED_PROMPT = {
+    "mpqa": ({"0": "negative", "1": "positive"},
+             "Read the following review, then choose whether it is negative or positive."),
+    "subj": ({"0": "subjective", "1": "objective"},
+             "Read the following sentence, then choose whether it is subjective or objective."),
+    "trec": ({"0": "description", "1": "entity", "2": "expression", "3": "human", "4": "location", "5": "number"},
+             "Read the following question, then choose whether it is about a description, entity, "
+             "expression, human, location or number."),
+}
+
+
+def load_ordered_prompt(task: str, root: str = DEFAULT_ROOT, seed: int = 0, num_train: int = 1000,
+                        num_test: int = 250) -> Task:
+    """train: ``num_train`` drawn from train.jsonl; dev: dev_subsample.jsonl; test: ``num_test``
+    drawn from test.jsonl (the DLN paper's protocol). Options are appended to each input."""
+    mapping, instruction = ORDERED_PROMPT[task]
+    folder = Path(root) / "ordered_prompt" / task
+    splits = {}
+    for split, fname in (("train", "train.jsonl"), ("dev", "dev_subsample.jsonl"), ("test", "test.jsonl")):
+        path = folder / fname
+        examples = []
+        for line, r in read_jsonl(path, {"sentence": str, "label": (str, int)}):
+            label = str(r["label"])
+            if label not in mapping:
+                raise DataError(f"{path}:{line}: label {r['label']!r} is not one of {sorted(mapping)}")
+            examples.append(Example(_with_options(r["sentence"], list(mapping.values())), mapping[label]))
+        splits[split] = examples
+    train = _shuffled(splits["train"], f"ordered_prompt/{task}/train", seed)[:num_train]
+    test = _shuffled(splits["test"], f"ordered_prompt/{task}/test", seed)[:num_test]
+    return Task(f"ordered_prompt/{task}", instruction, train, splits["dev"], test,
+                classes=list(mapping.values()), description=f"Ordered-Prompt {task}",
+                meta={"source": str(folder), "seed": seed})
+
+
+for _name in ORDERED_PROMPT:
+    register_task(f"ordered_prompt/{_name}")(partial(load_ordered_prompt, _name))
+
+
+# ----------------------------------------------------------------------------- Leopard
+
+LEOPARD = {
+    "disaster": ({"Not Relevant": "no", "Relevant": "yes"},
+                 "Read the following sentence, then choose whether it is relevant to a disaster."),
+    "airline": ({"positive": "positive", "negative": "negative", "neutral": "neutral"},
+                "Read the following sentence, then choose whether it is positive, negative, or neutral."),
+}
+
+
+def load_leopard(task: str, root: str = DEFAULT_ROOT, seed: int = 0) -> Task:
+    """The ``<task>_eval.json`` set shuffled with ``seed``: 1000 train, 250 dev, 250 test (fewer
+    records: 60/20/20%)."""
+    mapping, instruction = LEOPARD[task]
+    path = Path(root) / "leopard" / task / f"{task}_eval.json"
+    examples = []
+    for line, r in read_json_records(path, {"sentence1": str, "label": str}):
+        if r["label"] not in mapping:
+            raise DataError(f"{path}:{line}: label {r['label']!r} is not one of {sorted(mapping)}")
+        examples.append(Example(_with_options(r["sentence1"], list(dict.fromkeys(mapping.values()))),
+                                mapping[r["label"]]))
+    n = len(examples)
+    sizes = (1000, 250, 250) if n >= 1500 else (n * 3 // 5, n // 5, n // 5)
+    train, dev, test = _cut(_shuffled(examples, f"leopard/{task}", seed), sizes)
+    return Task(f"leopard/{task}", instruction, train, dev, test, classes=list(dict.fromkeys(mapping.values())),
+                description=f"Leopard {task}", meta={"source": str(path), "seed": seed})
+
+
+for _name in LEOPARD:
+    register_task(f"leopard/{_name}")(partial(load_leopard, _name))
+
+
+# ----------------------------------------------------------------------------- DeePEn
+
+def _qa_examples(path: Path) -> list[Example]:
+    out = []
+    for line, r in read_jsonl(path, {"question": str, "answer": (str, list)}):
+        answers = r["answer"] if isinstance(r["answer"], list) else [r["answer"]]
+        if not answers or not all(isinstance(a, str) for a in answers):
+            raise DataError(f"{path}:{line}: 'answer' must be a string or a non-empty list of strings")
+        out.append(Example(r["question"], Answer(answers[0], answers)))
+    return out
+
+
+def _qa_task(name, instruction, train, dev, test, sources, seed) -> AliasTask:
+    return AliasTask(name, instruction, train, dev, test, classes=None, normalize=normalize_qa,
+                     description=f"DeePEn {name}", meta={"source": sources, "seed": seed})
+
+
+@register_task("deepen/nq")
+def load_nq(root: str = DEFAULT_ROOT, seed: int = 0) -> Task:
+    """test: test/natural-questions.jsonl; the 1600-question dev sample shuffled with ``seed``
+    into 400 dev and the rest train."""
+    base = Path(root) / "deepen" / "NaturalQuestions"
+    pool = _qa_examples(base / "dev" / "v1.0-simplified_simplified-nq-train.simpled_dev_100000_sample1600_seed42.jsonl")
+    test = _qa_examples(base / "test" / "natural-questions.jsonl")
+    dev, train = _cut(_shuffled(pool, "deepen/nq", seed), (400, len(pool)))
+    return _qa_task("deepen/nq", "Answer the question with a short phrase.", train, dev, test, str(base), seed)
+
+
+@register_task("deepen/triviaqa")
+def load_triviaqa(root: str = DEFAULT_ROOT, seed: int = 0) -> Task:
+    """The 1900 dev questions also appear in the 6000 test questions: test = the 4100 others;
+    dev/train = the 1900 shuffled with ``seed`` (400 dev, rest train)."""
+    base = Path(root) / "deepen" / "TriviaQA"
+    pool = _qa_examples(base / "wikipedia-dev-1900.jsonl")
+    held = {e.input for e in pool}
+    test = [e for e in _qa_examples(base / "wikipedia-test-6000.jsonl") if e.input not in held]
+    dev, train = _cut(_shuffled(pool, "deepen/triviaqa", seed), (400, len(pool)))
+    return _qa_task("deepen/triviaqa", "Answer the trivia question with a short phrase.", train, dev, test,
+                    str(base), seed)
+
+
+def _mc_examples(path: Path, letters: str) -> tuple[list[Example], int]:
+    """Multiple-choice records; records whose options are all empty (a few upstream ARC
+    questions with numbered choices lost them) cannot be asked and are skipped, counted."""
+    out, skipped = [], 0
+    required = {"question": str, "answer": str, **{L: str for L in letters}}
+    for line, r in read_jsonl(path, required):
+        if not any(r[L].strip() for L in letters):
+            skipped += 1
+            continue
+        if r["answer"] not in letters:
+            raise DataError(f"{path}:{line}: answer {r['answer']!r} is not one of {list(letters)}")
+        out.append(Example(_mc_input(r["question"], r, letters), f"({r['answer']})"))
+    if skipped:
+        warnings.warn(f"{path}: skipped {skipped} records whose options are all empty")
+    return out, skipped
+
+
+def _mc_task(name, instruction, train, dev, test, letters, meta) -> Task:
+    return Task(name, instruction, train, dev, test, classes=[f"({L})" for L in letters],
+                normalize=normalize_choice, description=f"DeePEn {name}", meta=meta)
+
+
+@register_task("deepen/arc_c")
+def load_arc_c(root: str = DEFAULT_ROOT, seed: int = 0) -> Task:
+    """test: test.jsonl; train.jsonl shuffled with ``seed`` into 20% dev and 80% train."""
+    base = Path(root) / "deepen" / "ARC-Challenge"
+    pool, s1 = _mc_examples(base / "train.jsonl", "ABCD")
+    test, s2 = _mc_examples(base / "test.jsonl", "ABCD")
+    dev, train = _cut(_shuffled(pool, "deepen/arc_c", seed), (len(pool) // 5, len(pool)))
+    return _mc_task("deepen/arc_c", "Answer the science question by choosing the correct option.",
+                    train, dev, test, "ABCD", {"source": str(base), "seed": seed, "skipped": s1 + s2})
+
+
+@register_task("deepen/piqa")
+def load_piqa(root: str = DEFAULT_ROOT, seed: int = 0) -> Task:
+    """DeePEn ships PIQA's dev set only: shuffled with ``seed`` into 40% train, 10% dev, 50% test."""
+    path = Path(root) / "deepen" / "PIQA" / "physicaliqa-train-dev" / "dev_our.jsonl"
+    pool, skipped = _mc_examples(path, "AB")
+    n = len(pool)
+    train, dev, test = _cut(_shuffled(pool, "deepen/piqa", seed), (n * 2 // 5, n // 10, n))
+    return _mc_task("deepen/piqa", "Choose the solution that best achieves the goal.", train, dev, test,
+                    "AB", {"source": str(path), "seed": seed, "skipped": skipped})
+
+
+_GSM_ANSWER = re.compile(r"answer is\s*\$?\s*(-?[\d,]*\.?\d+)")
+
+
+def _gsm_examples(path: Path) -> list[Example]:
+    out = []
+    for line, r in read_jsonl(path, {"question": str, "answer": str}):
+        found = _GSM_ANSWER.findall(r["answer"])
+        if not found:
+            raise DataError(f"{path}:{line}: no final 'answer is <number>' in the solution")
+        out.append(Example(r["question"], normalize_number(found[-1])))
+    return out
+
+
+@register_task("deepen/gsm8k")
+def load_gsm8k(root: str = DEFAULT_ROOT, seed: int = 0) -> Task:
+    """Targets are the final numbers of the solutions. test: test.cleand.jsonl (1319);
+    train_sample300 shuffled with ``seed`` into 100 dev and 200 train."""
+    base = Path(root) / "deepen" / "GSM" / "data"
+    pool = _gsm_examples(base / "train_sample300_seed42.cleand.jsonl")
+    test = _gsm_examples(base / "test.cleand.jsonl")
+    dev, train = _cut(_shuffled(pool, "deepen/gsm8k", seed), (len(pool) // 3, len(pool)))
+    return Task("deepen/gsm8k", "Solve the math word problem. Give the final answer as a number.",
+                train, dev, test, classes=None, normalize=normalize_number, description="DeePEn GSM8K",
+                meta={"source": str(base), "seed": seed})
+
+
+MMLU_SUBJECTS = (
+    "abstract_algebra anatomy astronomy business_ethics clinical_knowledge college_biology "
+    "college_chemistry college_computer_science college_mathematics college_medicine college_physics "
+    "computer_security conceptual_physics econometrics electrical_engineering elementary_mathematics "
+    "formal_logic global_facts high_school_biology high_school_chemistry high_school_computer_science "
+    "high_school_european_history high_school_geography high_school_government_and_politics "
+    "high_school_macroeconomics high_school_mathematics high_school_microeconomics high_school_physics "
+    "high_school_psychology high_school_statistics high_school_us_history high_school_world_history "
+    "human_aging human_sexuality international_law jurisprudence logical_fallacies machine_learning "
+    "management marketing medical_genetics miscellaneous moral_disputes moral_scenarios nutrition "
+    "philosophy prehistory professional_accounting professional_law professional_medicine "
+    "professional_psychology public_relations security_studies sociology us_foreign_policy virology "
+    "world_religions").split()
+
+
+def load_mmlu(subject: str, root: str = DEFAULT_ROOT, seed: int = 0) -> Task:
+    """MMLU's own splits: train = dev-jsonl (5 examples), dev = val-jsonl, test = test-jsonl.
+    ``seed`` only shuffles the order of the training examples."""
+    base = Path(root) / "deepen" / "MMLU"
+    split = {s: _mc_examples(base / f"{s}-jsonl" / f"{subject}.jsonl", "ABCD")[0] for s in ("dev", "val", "test")}
+    topic = subject.replace("_", " ")
+    return _mc_task(f"deepen/mmlu/{subject}",
+                    f"The following are multiple choice questions about {topic}. Choose the correct option.",
+                    _shuffled(split["dev"], f"deepen/mmlu/{subject}", seed), split["val"], split["test"],
+                    "ABCD", {"source": str(base), "seed": seed})
+
+
+for _name in MMLU_SUBJECTS:
+    register_task(f"deepen/mmlu/{_name}")(partial(load_mmlu, _name))

@@ -1,0 +1,117 @@
+"""run_dln: run directory contents, and an interrupted run resumes to the same result."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dln_ens.config import ClassBackend, Config, ConfigError, DLNConfig, DLNSystem
+from dln_ens.data.registry import register_task
+from dln_ens.data.task import Example, Task
+from dln_ens.dln.run import run_dln
+
+from dln_fake import FakePool, ScriptedLM
+
+
+@register_task("test/dln_toy")
+def _toy_task(n: int = 24) -> Task:
+    ex = [Example(f"item {i} is {'even' if i % 2 == 0 else 'odd'}", "Yes" if i % 3 else "No") for i in range(n)]
+    return Task("test/dln_toy", "Say Yes or No.", ex[:12], ex[12:18], ex[18:], classes=["Yes", "No"])
+
+
+def make_cfg(tmp_path, name="toy", **dln):
+    d = dict(task="test/dln_toy", iters=3, batch_size=4, num_p_samples=2, num_h_samples=2, val_freq=1,
+             num_dev=None, num_test=None, memory_size=2,
+             systems=[DLNSystem(name="one", layers=1, backend="fake"),
+                      DLNSystem(name="two", layers=2, backend="fake", proposer="other")])
+    d.update(dln)
+    return Config(name=name, backends={"fake": ClassBackend(type="class", class_="dln_fake:ScriptedLM"),
+                                       "other": ClassBackend(type="class", class_="dln_fake:ScriptedLM")},
+                  dln=DLNConfig(**d), runs_dir=str(tmp_path))
+
+
+def comparable(run_dir):
+    """Every logged line and the results, without wall-clock fields."""
+    out = {}
+    for path in sorted(run_dir.glob("dln_*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for r in rows:
+            r.pop("seconds", None)
+            for calls in r.pop("lm_calls", {}).values():
+                assert set(calls) == {"generate", "score", "next_token_logprobs"}
+        out[path.name] = rows
+    out["results"] = json.loads((run_dir / "results.json").read_text())
+    return out
+
+
+def test_run_directory_contents(tmp_path, capsys):
+    cfg = make_cfg(tmp_path)
+    res = run_dln(cfg, FakePool(fake=ScriptedLM("fake"), other=ScriptedLM("other")))
+    run_dir = tmp_path / "toy"
+    assert res["run_dir"] == str(run_dir)
+    assert json.loads((run_dir / "config.json").read_text())["dln"]["iters"] == 3
+    rows = [json.loads(x) for x in (run_dir / "dln_two.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert all("dev_acc" in r for r in rows)
+    updated = [r for r in rows[1:] if r["updated"]]
+    assert updated and all({"p1_candidates", "p2_candidates", "elbo1", "elbo2"} <= set(r) for r in updated)
+    for r in updated:       # the chosen prompts are the argmax-objective candidates
+        for key in ("p1", "p2"):
+            cands = r[f"{key}_candidates"]
+            assert r["prompts"][key] == max(cands, key=lambda c: c["objective"])["prompt"]
+    best = json.loads((run_dir / "best_prompts.json").read_text())
+    assert set(best) == {"one", "two"} and set(best["two"]) == {"p1", "p2"}
+    for name, r in res["systems"].items():
+        assert r["dev"]["learned"] == max(x["dev_acc"] for x in map(json.loads, (run_dir / f"dln_{name}.jsonl")
+                                                                    .read_text().splitlines()))
+        assert 0.0 <= r["test"]["learned"] <= 1.0
+    summary = (run_dir / "summary.md").read_text()
+    assert "| one | 1 | fake |" in summary and "| two | 2 | fake |" in summary
+    assert summary in capsys.readouterr().out
+    # the proposer of system "two" is its own backend
+    assert any(r["lm_calls"]["other"]["generate"]["calls"] > 0 for r in updated)
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    ref_dir = tmp_path / "ref"
+    run_dln(make_cfg(tmp_path), FakePool(fake=ScriptedLM("fake"), other=ScriptedLM("other")), ref_dir)
+    reference = comparable(ref_dir)
+    counter = ScriptedLM("fake")
+    run_dln(make_cfg(tmp_path), FakePool(fake=counter, other=ScriptedLM("other")), tmp_path / "count")
+    total = len(counter.calls)
+    for stop_at in (3, total // 2, total - 2):
+        run_dir = tmp_path / f"cut{stop_at}"
+        with pytest.raises(KeyboardInterrupt):
+            run_dln(make_cfg(tmp_path), FakePool(fake=ScriptedLM("fake", fail_after=stop_at),
+                                                 other=ScriptedLM("other")), run_dir)
+        with open(run_dir / "dln_one.jsonl", "a") as f:   # a crash while appending a line
+            f.write('{"system": "one", "iterat')
+        run_dln(make_cfg(tmp_path), FakePool(fake=ScriptedLM("fake"), other=ScriptedLM("other")), run_dir)
+        assert comparable(run_dir) == reference
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    pool = FakePool(fake=ScriptedLM("fake"), other=ScriptedLM("other"))
+    run_dln(make_cfg(tmp_path, iters=1), pool)
+    with pytest.raises(ConfigError, match="different backends or DLN settings"):
+        run_dln(make_cfg(tmp_path, iters=2), pool)
+    res = run_dln(make_cfg(tmp_path, iters=2), pool, resume=False)
+    assert res["systems"]["one"]["iterations"] == 2
+
+
+def test_bad_settings_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="dln.val_freq"):
+        run_dln(make_cfg(tmp_path, val_freq=0), FakePool())
+
+
+def test_bench_measures_batching_savings():
+    from dln_ens.bench.dln import measure
+    from dln_ens.data.registry import load_task
+    task = load_task("test/dln_toy")
+    cfg = DLNConfig(task="test/dln_toy", batch_size=6, num_p_samples=2, num_h_samples=2, memory_size=0)
+    for layers in (1, 2):
+        batched = measure(ScriptedLM("fake"), layers, cfg, task, iters=2, one_at_a_time=False)
+        single = measure(ScriptedLM("fake"), layers, cfg, task, iters=2, one_at_a_time=True)
+        assert batched["prompts"] == single["prompts"]          # same work, same choices
+        assert single["calls"] == single["requests"] == batched["requests"]
+        assert batched["calls"] < single["calls"] / 3

@@ -1,0 +1,243 @@
+"""The variational trainer against hand-computed ELBOs with a scripted fake backend."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dln_ens.config import DLNConfig
+from dln_ens.data.task import Example, Task
+from dln_ens.dln.layers import HiddenLayer, OutputLayer
+from dln_ens.dln.network import DeepLanguageNetwork
+from dln_ens.dln.samplers import PosteriorSampler, PromptProposer
+from dln_ens.dln.templates import TemplateLibrary
+from dln_ens.dln.trainer import VariationalTrainer, batch_indices
+
+from dln_fake import ScriptedLM, hashed_logprob, num_tokens
+
+LIB = TemplateLibrary("v1")
+
+
+def fwd(p, x):
+    return f"{p}\n\nInput: {x}\nAnswer:"
+
+
+def resid(p, x, h):
+    return f"{p}\n\nInput: {x}\nYour thoughts were: {h}\nAnswer:"
+
+
+def hid(p, x):
+    return f"{p}\n\nInput: {x}\nLet's think step by step."
+
+
+def class_ll(lm_logp, ctx, target, classes):
+    """log p(target | ctx) renormalised over the classes, by hand."""
+    lps = [lm_logp(ctx, " " + c) for c in classes]
+    return lm_logp(ctx, " " + target) - math.log(sum(math.exp(v) for v in lps))
+
+
+def make_task(classes, n=8, targets=None):
+    targets = targets or [classes[i % len(classes)] for i in range(n)]
+    ex = [Example(f"question {i} answer={t}", t) for i, t in enumerate(targets)]
+    return Task("toy", "Answer the question.", ex, ex[:2], ex[:2], classes=list(classes))
+
+
+def dln1(lm, task, **cfg):
+    out = OutputLayer(LIB.get("classify_forward"), lm, task.instruction, task.classes)
+    net = DeepLanguageNetwork(out)
+    prop = PromptProposer(LIB.get("q_action_prompt"), lm)
+    return net, VariationalTrainer(net, prop, None, task, DLNConfig(**cfg))
+
+
+def test_dln1_elbo_is_mean_class_loglik_and_best_is_chosen():
+    lm = ScriptedLM()
+    task = make_task(["Yes", "No"])
+    net, tr = dln1(lm, task, num_p_samples=3, memory_size=0)
+    rec = tr.step(task.train, 1)
+    assert rec["updated"], "the scripted batch has errors"
+    cands = [c["prompt"] for c in rec["p2_candidates"]]
+    assert cands[0] == "Answer the question." and len(cands) == 4
+    hand = [np.mean([class_ll(hashed_logprob, fwd(c, e.input), e.target, task.classes) for e in task.train])
+            for c in cands]
+    assert [c["elbo"] for c in rec["p2_candidates"]] == pytest.approx(hand, abs=1e-9)
+    assert net.output.prompt == cands[int(np.argmax(hand))]
+    assert rec["elbo2"] == pytest.approx(max(hand))
+    # the forward pass predicted argmax class under the initial prompt
+    for e, p in zip(task.train, rec["predictions"]):
+        lps = [hashed_logprob(fwd("Answer the question.", e.input), " " + c) for c in task.classes]
+        assert p == task.classes[int(np.argmax(lps))]
+
+
+def test_one_call_per_stage():
+    """Forward, proposals and candidate scoring each go out as one batched backend call."""
+    lm = ScriptedLM()
+    task = make_task(["Yes", "No"])
+    _, tr = dln1(lm, task, num_p_samples=3, memory_size=0)
+    tr.step(task.train, 1)
+    assert [m for m, _ in lm.calls] == ["next_token_logprobs", "generate", "next_token_logprobs"]
+    assert lm.calls[1][1] == 3                      # all proposals in one call
+    assert lm.calls[2][1] == 8 * 3                  # 8 examples x 3 new candidates (current cached)
+
+
+# a controlled 3-class table: INIT predicts "No" (wrong), A and B are the two proposals
+TABLE = {"INIT": (0.245, 0.665, 0.09), "A": (0.5, 0.45, 0.05), "B": (0.45, 0.05, 0.5),
+         "MEM": (0.9, 0.05, 0.05)}
+CLASSES = ["Yes", "No", "Maybe"]
+
+
+def table_logp(ctx, target):
+    prompt = ctx.split("\n\n")[0]
+    if prompt in TABLE:
+        return math.log(TABLE[prompt][CLASSES.index(target.strip())])
+    return hashed_logprob(ctx, target)
+
+
+def table_gen(prompt, i, seed, temperature):
+    return [" A", " B"][i]
+
+
+def controlled(**cfg):
+    lm = ScriptedLM(gen=table_gen, logp=table_logp)
+    task = make_task(CLASSES, n=4, targets=["Yes"] * 4)
+    task.instruction = "INIT"
+    return dln1(lm, task, num_p_samples=2, **cfg)
+
+
+def objective(prompt, tf=0.0, lp=0.0):
+    p0, p = np.array(TABLE["INIT"]), np.array(TABLE[prompt])
+    elbo = math.log(p[0])
+    kl = float(np.sum(p0 * (np.log(p0) - np.log(p))))
+    return elbo - tf * kl - lp * math.log(p[1])
+
+
+@pytest.mark.parametrize("tf,lp,expected", [(0.0, 0.0, "A"), (10.0, 0.0, "INIT"), (0.0, 1.0, "B")])
+def test_trust_factor_and_logp_penalty_change_the_choice(tf, lp, expected):
+    net, tr = controlled(memory_size=0, trust_factor=tf, logp_penalty=lp)
+    rec = tr.step(tr.task.train, 1)
+    rows = {r["prompt"]: r for r in rec["p2_candidates"]}
+    assert set(rows) == {"INIT", "A", "B"}
+    for p, r in rows.items():
+        assert r["objective"] == pytest.approx(objective(p, tf, lp), abs=1e-9)
+    assert max(rows, key=lambda p: objective(p, tf, lp)) == expected
+    assert net.output.prompt == expected
+
+
+def test_memory_prompts_join_the_candidates():
+    net, tr = controlled(memory_size=2)
+    tr.remember({"p2": "MEM"}, 0.9)
+    tr.remember({"p2": "INIT"}, 0.1)
+    tr.remember({"p2": "A"}, 0.5)            # memory keeps the 2 best dev prompts
+    assert [m["prompts"]["p2"] for m in tr.memory] == ["MEM", "A"]
+    rec = tr.step(tr.task.train, 1)
+    assert [r["prompt"] for r in rec["p2_candidates"]] == ["INIT", "A", "B", "MEM"]
+    assert net.output.prompt == "MEM"
+    _, tr0 = controlled(memory_size=0)
+    tr0.remember({"p2": "MEM"}, 0.9)
+    assert tr0.memory == [] and tr0.step(tr0.task.train, 1)["prompts"]["p2"] == "A"
+
+
+def test_no_update_without_errors():
+    net, tr = controlled(memory_size=0)
+    tr.task.train = [Example("question answer=No", "No")] * 2     # INIT predicts No: all correct
+    rec = tr.step(tr.task.train, 1)
+    assert rec["updated"] is False and net.output.prompt == "INIT"
+
+
+@pytest.mark.parametrize("rewrite_wrong_only,tf,lp", [(False, 0.0, 0.0), (True, 0.0, 0.0), (False, 0.3, 0.5)])
+def test_dln2_posterior_weights_and_elbos(rewrite_wrong_only, tf, lp):
+    lm = ScriptedLM()
+    task = make_task(["Yes", "No"], n=6)
+    T, nh = 0.5, 3
+    cfg = DLNConfig(num_p_samples=2, num_h_samples=nh, posterior_temp=T, memory_size=0,
+                    rewrite_wrong_only=rewrite_wrong_only, trust_factor=tf, logp_penalty=lp)
+    out = OutputLayer(LIB.get("classify_residual"), lm, "P2", task.classes)
+    hidden = HiddenLayer(LIB.get("suffix_forward_tbs"), lm, "P1")
+    net = DeepLanguageNetwork(out, hidden)
+    tr = VariationalTrainer(net, PromptProposer(LIB.get("q_action_prompt"), lm),
+                            PosteriorSampler(LIB.get("suffix_forward_tbs_y"), lm), task, cfg)
+    rec = tr.step(task.train, 1)
+    assert rec["updated"]
+    H, W = rec["posterior"]["samples"], rec["posterior"]["weights"]
+    wrong = [p != e.target for p, e in zip(rec["predictions"], task.train)]
+    for i, e in enumerate(task.train):
+        assert H[i][0] == rec["hidden"][i]                  # the forward h is sample 0
+        assert len(set(H[i][1:])) == len(H[i][1:])          # copies of one prompt sample apart
+        assert len(H[i]) == (1 + nh if wrong[i] or not rewrite_wrong_only else 1)
+        logits = [(class_ll(hashed_logprob, resid("P2", e.input, h), e.target, task.classes)
+                   + hashed_logprob(hid("P1", e.input), " " + h) / num_tokens(" " + h)) / T for h in H[i]]
+        z = sum(math.exp(v) for v in logits)
+        assert W[i] == pytest.approx([math.exp(v) / z for v in logits], abs=1e-9)
+
+    def elbo(score):
+        return np.mean([sum(w * score(e, h) for w, h in zip(W[i], H[i])) for i, e in enumerate(task.train)])
+
+    c2 = [r["prompt"] for r in rec["p2_candidates"]]
+    c1 = [r["prompt"] for r in rec["p1_candidates"]]
+    e2 = [elbo(lambda e, h: class_ll(hashed_logprob, resid(c, e.input, h), e.target, task.classes)) for c in c2]
+    e1 = [elbo(lambda e, h: hashed_logprob(hid(c, e.input), " " + h) / num_tokens(" " + h)) for c in c1]
+    assert [r["elbo"] for r in rec["p2_candidates"]] == pytest.approx(e2, abs=1e-9)
+    assert [r["elbo"] for r in rec["p1_candidates"]] == pytest.approx(e1, abs=1e-9)
+
+    def probs(c, e, h):
+        lps = np.array([hashed_logprob(resid(c, e.input, h), " " + k) for k in task.classes])
+        return np.exp(lps) / np.exp(lps).sum()
+
+    # trust factor: KL(current || candidate) on the forward h; logp penalty: log p(forward h | x)
+    # under each p1 candidate, averaged over the wrong examples
+    kl = [np.mean([np.sum(probs("P2", e, H[i][0]) * np.log(probs("P2", e, H[i][0]) / probs(c, e, H[i][0])))
+                   for i, e in enumerate(task.train)]) for c in c2]
+    pen = [np.mean([hashed_logprob(hid(c, e.input), " " + H[i][0]) / num_tokens(" " + H[i][0])
+                    for i, e in enumerate(task.train) if wrong[i]]) for c in c1]
+    o2 = [e - tf * k for e, k in zip(e2, kl)]
+    o1 = [e - lp * p for e, p in zip(e1, pen)]
+    assert [r["objective"] for r in rec["p2_candidates"]] == pytest.approx(o2, abs=1e-9)
+    assert [r["objective"] for r in rec["p1_candidates"]] == pytest.approx(o1, abs=1e-9)
+    assert net.prompts == {"p1": c1[int(np.argmax(o1))], "p2": c2[int(np.argmax(o2))]}
+    assert c1[0] == "P1" and c2[0] == "P2" and len(c1) == len(c2) == 3
+
+
+def test_held_out_ranking_scores_the_other_half():
+    lm = ScriptedLM()
+    task = make_task(["Yes", "No"], n=8)
+    net, tr = dln1(lm, task, num_p_samples=2, memory_size=0, held_out_prompt_ranking=True)
+    prop, rank = tr._split(8, 1)
+    assert len(prop) == len(rank) == 4 and not set(prop) & set(rank)
+    rec = tr.step(task.train, 1)
+    cands = [c["prompt"] for c in rec["p2_candidates"]]
+    hand = [np.mean([class_ll(hashed_logprob, fwd(c, task.train[i].input), task.train[i].target, task.classes)
+                     for i in rank]) for c in cands]
+    assert [c["elbo"] for c in rec["p2_candidates"]] == pytest.approx(hand, abs=1e-9)
+
+
+def test_batches_cover_each_epoch_once():
+    seen = [i for it in range(1, 4) for i in batch_indices(9, 3, seed=5, iteration=it)]
+    assert sorted(seen) == list(range(9))
+    assert batch_indices(9, 3, 5, 2) == batch_indices(9, 3, 5, 2)
+    assert batch_indices(9, 3, 5, 4) != batch_indices(9, 3, 6, 4)
+
+
+def test_proposer_shows_at_most_max_examples_errors_first():
+    from dln_ens.dln.samplers import BackwardInfo, ProposalJob
+    lm = ScriptedLM()
+    prop = PromptProposer(LIB.get("q_action_prompt"), lm, max_examples=2)
+    infos = [BackwardInfo(f"in{i}", "t", "o", wrong=(i == 3)) for i in range(5)]
+    seen = []
+    lm.gen = lambda p, i, s, t: seen.append(p) or " new"
+    out = prop.propose([ProposalJob("P", infos, 3)], np.random.default_rng(0), seed=1)
+    assert out == [["new", "new", "new"]] and len(seen) == 3
+    for text in seen:
+        shown = [i for i in range(5) if f"> in{i}\n" in text]
+        assert len(shown) == 2 and 3 in shown
+
+
+def test_verbalizers_sharing_a_first_character_are_scored_as_whole_strings():
+    lm = ScriptedLM()
+    out = OutputLayer(LIB.get("classify_forward"), lm, "P", ["(A)", "(B)", "(C)"])
+    assert out.class_mode == "full_string"
+    ll, probs = out.log_likelihood(["P", "Q"], ["x1", "x2"], ["(B)", "(C)"])
+    assert {m for m, _ in lm.calls} == {"score"}
+    for i, (p, x, t) in enumerate([("P", "x1", "(B)"), ("Q", "x2", "(C)")]):
+        assert ll[i] == pytest.approx(class_ll(hashed_logprob, fwd(p, x), t, ["(A)", "(B)", "(C)"]), abs=1e-9)
+        assert probs[i].sum() == pytest.approx(1.0)
+    assert OutputLayer(LIB.get("classify_forward"), lm, "P", ["Yes", "No"]).class_mode == "next_token"
