@@ -22,11 +22,11 @@ class ArchSpec:
     backbone: str            # attribute path of the decoder stack (returns last_hidden_state + cache)
     layers: str              # attribute path of the decoder layers (nn.ModuleList)
     final_norm: str          # attribute path of the final norm
-    lm_head: str             # attribute path of the output projection
     norm: Literal["rms", "layer"]
+    # the LM head is model.get_output_embeddings() (GPT-NeoX renamed embed_out -> lm_head in v5)
 
 
-_LLAMA_LIKE = ArchSpec("model", "model.layers", "model.norm", "lm_head", "rms")
+_LLAMA_LIKE = ArchSpec("model", "model.layers", "model.norm", "rms")
 
 # model_type -> spec; the model class named in errors comes from the loaded model itself.
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -34,8 +34,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "gpt2": ArchSpec("transformer", "transformer.h", "transformer.ln_f", "lm_head", "layer"),
-    "gpt_neox": ArchSpec("gpt_neox", "gpt_neox.layers", "gpt_neox.final_layer_norm", "embed_out", "layer"),
+    "gpt2": ArchSpec("transformer", "transformer.h", "transformer.ln_f", "layer"),
+    "gpt_neox": ArchSpec("gpt_neox", "gpt_neox.layers", "gpt_neox.final_layer_norm", "layer"),
 }
 SUPPORTED_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                      "GPT2LMHeadModel", "GPTNeoXForCausalLM")
@@ -79,9 +79,9 @@ class DepthAccess:
         return (self.final_norm.weight.detach().float().clone(),
                 None if bias is None else bias.detach().float().clone())
 
-    def run_backbone(self, input_ids, attention_mask, past_key_values=None, position_ids=None):
+    def run_backbone(self, input_ids, attention_mask, past_key_values=None, position_ids=None, use_cache=True):
         """One decoder-stack call with the KV cache; returns (last_hidden_state, cache)."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True,
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache,
                   self.cache_kwarg: past_key_values}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
@@ -120,7 +120,9 @@ def depth_access(model: nn.Module) -> DepthAccess:
             f"dln_ens/mod/arch.py.")
     try:
         backbone, layers = _get(model, spec.backbone), _get(model, spec.layers)
-        final_norm, lm_head = _get(model, spec.final_norm), _get(model, spec.lm_head)
+        final_norm, lm_head = _get(model, spec.final_norm), model.get_output_embeddings()
+        if not isinstance(lm_head, nn.Linear):
+            raise AttributeError(f"get_output_embeddings() returned {type(lm_head).__name__}, not nn.Linear")
     except AttributeError as e:
         raise UnsupportedModelError(
             f"{cls} has model_type={model_type!r} but not the expected module layout ({e}); "
