@@ -113,11 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dln_ens.config import ConfigError
+    from dln_ens.errors import UserError
     try:
         return args.fn(args)
-    except ConfigError as e:
-        print(f"dln-ens {args.command}: configuration error: {e}", file=sys.stderr)
+    except UserError as e:  # inputs to fix: the message says what and how; no traceback
+        print(f"dln-ens {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

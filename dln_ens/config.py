@@ -19,9 +19,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
+from dln_ens.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, with file, key path and how to fix it in the message."""
 
 
@@ -401,20 +402,13 @@ def _check_references(cfg: Config, ctx: _Ctx, check_paths: bool) -> None:
 
 def check_model_dir(path: str, where: str) -> None:
     """A local model directory must exist and hold a config, weights and a tokenizer."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ConfigError(f"{where}: model directory {path} does not exist. Build the zoo with "
-                          f"`dln-ens zoo --conf ...` (or `sh sh/mat.sh`), or point the path at a local "
-                          f"Hugging Face checkpoint; nothing is downloaded.")
-    missing = []
-    if not (p / "config.json").is_file():
-        missing.append("config.json")
-    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")) and not any(p.glob("*.safetensors.index.json")):
-        missing.append("weights (*.safetensors or *.bin)")
-    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
-        missing.append("a tokenizer (tokenizer.json / tokenizer.model / vocab.json)")
-    if missing:
-        raise ConfigError(f"{where}: model directory {path} has no {', '.join(missing)}")
+    from dln_ens.lm.checkpoint import MissingModelError, check_model_dir as check
+    try:
+        check(path)
+    except MissingModelError as e:
+        hint = (" Build the zoo with `dln-ens zoo --conf ...` (or `sh sh/mat.sh`), or point the path"
+                " at a local Hugging Face checkpoint.") if not Path(path).exists() else ""
+        raise ConfigError(f"{where}: {e}.{hint}") from None
 
 
 def load_config(path: str | os.PathLike, check_paths: bool = True) -> Config:

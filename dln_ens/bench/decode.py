@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from dln_ens.io import atomic_write_text
+
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 MEMBERS = {"llama": "llama-spm", "gpt2": "gpt-2", "falcon": "falcon"}
 
@@ -92,9 +94,7 @@ def anchors_subset(full_dir: Path, out: Path, n: int) -> Path:
     keep = list(range(0, len(data["surfaces"]), step))[:n]
     sub = {"members": data["members"], "ids": {m: [data["ids"][m][i] for i in keep] for m in data["members"]},
            "surfaces": [data["surfaces"][i] for i in keep]}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(sub))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(sub))
     return out
 
 

@@ -25,13 +25,14 @@ from pathlib import Path
 
 from dln_ens.data.registry import register_task
 from dln_ens.data.task import Example, Task, normalize_answer
+from dln_ens.errors import UserError
 
 DEFAULT_ROOT = "datasets"
 FETCH_HINT = ("fetch the public data with `sh sh/data.sh` (online) or copy a local copy with "
               "`sh sh/data.sh --from DIR`, or pass root=<folder holding it>")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file problem, naming the file (and line) and what is wrong."""
 
 

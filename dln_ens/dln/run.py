@@ -34,7 +34,7 @@ from dln_ens.dln.network import DeepLanguageNetwork
 from dln_ens.dln.samplers import PosteriorSampler, PromptProposer
 from dln_ens.dln.templates import TemplateLibrary
 from dln_ens.dln.trainer import VariationalTrainer, batch_indices
-from dln_ens.io import atomic_write_text
+from dln_ens.io import atomic_write_text, read_jsonl, write_jsonl
 
 
 # ----------------------------------------------------------------------------- files
@@ -48,18 +48,7 @@ def _read_log(path: Path) -> list[dict]:
     iteration was not checkpointed and will run again."""
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if lineno == len(lines):
-                break
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete the line") from None
-    return rows
+    return read_jsonl(path, allow_torn_tail=True)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -192,7 +181,7 @@ def _run_system(system, dcfg, task, dev, test, get_backend, counters, library, r
         trainer.load_state_dict(state["trainer"])
         # drop log lines of an iteration that was logged but not checkpointed
         lines = [r for r in _read_log(log_path) if r["iteration"] <= state["iteration"]]
-        atomic_write_text(log_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+        write_jsonl(log_path, lines)
     else:
         log_path.unlink(missing_ok=True)
         state = {"system": system.name, "fingerprint": fingerprint, "iteration": 0, "dev_cache": {},
@@ -234,8 +223,11 @@ def _run_system(system, dcfg, task, dev, test, get_backend, counters, library, r
         init_net_prompts = network.prompts
         network.set_prompts(state["init"]["prompts"])
         init_test = network.evaluate(test, task.is_correct, desc=f"{system.name} test (init)")[0]
-        network.set_prompts(state["best"]["prompts"])
-        best_test = network.evaluate(test, task.is_correct, desc=f"{system.name} test (learned)")[0]
+        if state["best"]["prompts"] == state["init"]["prompts"]:
+            best_test = init_test  # greedy evaluation: the same prompts give the same answers
+        else:
+            network.set_prompts(state["best"]["prompts"])
+            best_test = network.evaluate(test, task.is_correct, desc=f"{system.name} test (learned)")[0]
         network.set_prompts(init_net_prompts)
         state.update(done=True, test={"init": init_test, "best": best_test})
         write_json(state_path, state)

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import jinja2
 import yaml
+from dln_ens.errors import UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "templates"
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                           autoescape=False)
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A template file or lookup problem, naming the file/template and the fix."""
 
 

@@ -39,6 +39,7 @@ from dln_ens.ensemble.align import TokenTrack, final_text, visible_text
 from dln_ens.fusion.methods import Fusion
 from dln_ens.lm.base import Generation, Score
 from dln_ens.lm.batching import chunks, pad, positions
+from dln_ens.lm.hf import candidate_logprobs
 from dln_ens.lm.stopping import cut_at_stop, first_stop, sequence_seeds
 from dln_ens.relrep.vocab import token_surfaces
 
@@ -343,20 +344,7 @@ class EnsembleLanguageModel:
     def next_token_logprobs(self, contexts: list[str], candidates: list[str]) -> np.ndarray:
         """One fused step per context; candidates tokenised by the main member exactly as
         `HFLanguageModel.next_token_logprobs` does (max over with / without a leading space)."""
-        if any(not c.strip() for c in candidates):
+        if any(not c.strip() for c in candidates):  # before the fused step, which is costly
             raise ValueError(f"candidates must be non-blank strings, got {candidates!r}")
-        main = self.main_member
-        dist = self.next_token_distribution(contexts)
-        bases = [c[1:] if c.startswith(" ") else c for c in candidates]
-        variants = [v for b in bases for v in (" " + b, b)]
-        ctxs = main.encode_many(contexts)
-        wholes = main.encode_many([x + v for x in contexts for v in variants])
-        alone = [main.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in variants]
-        first = torch.empty((len(contexts), len(variants)), dtype=torch.long)
-        for i, ctx in enumerate(ctxs):
-            for j in range(len(variants)):
-                whole = wholes[i * len(variants) + j]
-                ok = whole[:len(ctx)] == ctx and len(whole) > len(ctx)
-                first[i, j] = whole[len(ctx)] if ok else alone[j]
-        lp = dist.gather(1, first).view(len(contexts), len(candidates), 2)
-        return lp.max(-1).values.numpy()
+        return candidate_logprobs(self.main_member, self.next_token_distribution(contexts),
+                                  contexts, candidates)

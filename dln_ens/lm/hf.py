@@ -306,27 +306,34 @@ class HFLanguageModel:
 
     @torch.inference_mode()
     def next_token_logprobs(self, contexts: list[str], candidates: list[str]) -> np.ndarray:
-        """[len(contexts), len(candidates)] log-probability of each candidate as the next text.
+        """[len(contexts), len(candidates)] log-probability of each candidate as the next text
+        (see `candidate_logprobs`). One forward pass per batch of contexts."""
+        return candidate_logprobs(self, self.next_token_distribution(contexts), contexts, candidates)
 
-        As the DLN scorer does, a candidate counts with and without a leading space: its
-        variants " cand" and "cand" are tokenised after the context (first token of
-        encode(context + variant) beyond encode(context); the variant encoded alone if the
-        context's tokens are not a prefix) and the candidate gets the max over the two
-        first tokens' log-probs. One forward pass per batch of contexts.
-        """
-        if any(not c.strip() for c in candidates):
-            raise ValueError(f"candidates must be non-blank strings, got {candidates!r}")
-        dist = self.next_token_distribution(contexts)
-        bases = [c[1:] if c.startswith(" ") else c for c in candidates]
-        variants = [v for b in bases for v in (" " + b, b)]
-        ctxs = self.encode_many(contexts)
-        wholes = self.encode_many([x + v for x in contexts for v in variants])
-        alone = [self.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in variants]
-        first = torch.empty((len(contexts), len(variants)), dtype=torch.long)
-        for i, ctx in enumerate(ctxs):
-            for j in range(len(variants)):
-                whole = wholes[i * len(variants) + j]
-                prefix_ok = whole[:len(ctx)] == ctx and len(whole) > len(ctx)
-                first[i, j] = whole[len(ctx)] if prefix_ok else alone[j]
-        lp = dist.gather(1, first).view(len(contexts), len(candidates), 2)
-        return lp.max(-1).values.numpy()
+
+def candidate_logprobs(tokenizing_lm: "HFLanguageModel", dist: torch.Tensor, contexts: list[str],
+                       candidates: list[str]) -> np.ndarray:
+    """Log-probability of each candidate as the next piece of text, read off ``dist`` (the
+    [B, V] next-token log-probs after each context, over ``tokenizing_lm``'s vocabulary).
+
+    As the DLN scorer does, a candidate counts with and without a leading space: its variants
+    " cand" and "cand" are tokenised after the context (first token of encode(context +
+    variant) beyond encode(context); the variant encoded alone if the context's tokens are not
+    a prefix) and the candidate gets the max over the two first tokens' log-probs.
+    """
+    if any(not c.strip() for c in candidates):
+        raise ValueError(f"candidates must be non-blank strings, got {candidates!r}")
+    lm = tokenizing_lm
+    bases = [c[1:] if c.startswith(" ") else c for c in candidates]
+    variants = [v for b in bases for v in (" " + b, b)]
+    ctxs = lm.encode_many(contexts)
+    wholes = lm.encode_many([x + v for x in contexts for v in variants])
+    alone = [lm.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in variants]
+    first = torch.empty((len(contexts), len(variants)), dtype=torch.long)
+    for i, ctx in enumerate(ctxs):
+        for j in range(len(variants)):
+            whole = wholes[i * len(variants) + j]
+            prefix_ok = whole[:len(ctx)] == ctx and len(whole) > len(ctx)
+            first[i, j] = whole[len(ctx)] if prefix_ok else alone[j]
+    lp = dist.gather(1, first).view(len(contexts), len(candidates), 2)
+    return lp.max(-1).values.numpy()

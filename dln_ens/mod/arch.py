@@ -15,6 +15,7 @@ from typing import Iterator, Literal
 
 import torch
 from torch import nn
+from dln_ens.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ SUPPORTED_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM
                      "GPT2LMHeadModel", "GPTNeoXForCausalLM")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     pass
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from dln_ens.errors import UserError
 
 
-class AnchorError(ValueError):
+class AnchorError(UserError, ValueError):
     """Too few (or inconsistent) anchors, with the members and the fix in the message."""
 
 

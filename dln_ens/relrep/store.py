@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,12 +22,14 @@ from safetensors.torch import load_file, save_file
 
 from dln_ens.relrep.anchors import Anchors
 from dln_ens.relrep.matrix import RelRepMatrix
+from dln_ens.errors import UserError
+from dln_ens.io import atomic_write, atomic_write_text
 
 FORMAT_VERSION = 1
 REBUILD = "rebuild with `sh sh/mat.sh` (or `dln-ens mat --conf <your config>`; add --force to rebuild all)"
 
 
-class StaleMatricesError(RuntimeError):
+class StaleMatricesError(UserError, RuntimeError):
     """Matrices missing, interrupted, stale or built for other models; the message says which
     member and how to rebuild."""
 
@@ -83,25 +83,8 @@ def _diff(old: dict, new: dict) -> str:
 
 # ----------------------------------------------------------------------------- writing
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, data: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-    _atomic_write(path, write)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def begin_build(out_dir: Path) -> None:
@@ -125,7 +108,7 @@ def save_member(out_dir: Path, name: str, R: RelRepMatrix, value_dtype: str = "f
         tensors = {"dense": R.dense.float().contiguous()}
     meta = {"num_anchors": str(R.num_anchors), "format": str(FORMAT_VERSION)}
     path = out_dir / f"{name}.safetensors"
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path.stat().st_size
 
 

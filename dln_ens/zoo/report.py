@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dln_ens.data import synthetic as syn
 from dln_ens.data.registry import load_task
 from dln_ens.data.task import Example, normalize_answer
+from dln_ens.io import atomic_write_text
 
 
 def forward_prompt(instruction: str, x: str) -> str:
@@ -162,10 +161,7 @@ def main(argv=None) -> None:
     rep = report(args.dir, args.split, args.num_navigate)
     print(markdown(rep))
     if args.json:
-        fd, tmp = tempfile.mkstemp(dir=Path(args.json).resolve().parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(rep, f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps(rep, indent=1))
 
 
 if __name__ == "__main__":
