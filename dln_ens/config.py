@@ -114,6 +114,7 @@ class DLNSystem:
     hidden_backend: Union[str, None] = None    # DLN-2 hidden layer; None = `backend`
     proposer: Union[str, None] = None          # backward prompt proposal; None = `backend`
     posterior: Union[str, None] = None         # posterior sampler of h; None = `backend`
+    task: Union[str, None] = None              # None = `dln.task`
 
 
 @dataclass

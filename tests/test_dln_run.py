@@ -19,6 +19,24 @@ def _toy_task(n: int = 24) -> Task:
     return Task("test/dln_toy", "Say Yes or No.", ex[:12], ex[12:18], ex[18:], classes=["Yes", "No"])
 
 
+@register_task("test/dln_toy_small")
+def _small_toy_task() -> Task:
+    full = _toy_task()
+    return Task("test/dln_toy_small", "Answer.", full.train[:8], full.train[8:11], full.dev[:4],
+                classes=["Yes", "No"])
+
+
+def test_a_system_can_name_its_own_task(tmp_path, capsys):
+    cfg = make_cfg(tmp_path, iters=1, systems=[DLNSystem(name="one", layers=1, backend="fake"),
+                                               DLNSystem(name="small", layers=1, backend="fake",
+                                                         task="test/dln_toy_small")])
+    res = run_dln(cfg, FakePool(fake=ScriptedLM("fake"), other=ScriptedLM("other")))
+    one, small = res["systems"]["one"], res["systems"]["small"]
+    assert (one["task"], one["num_dev"], one["num_test"]) == ("test/dln_toy", 6, 6)
+    assert (small["task"], small["num_dev"], small["num_test"]) == ("test/dln_toy_small", 3, 4)
+    assert "| small | test/dln_toy_small | 1 | fake |" in res["summary"]
+
+
 def make_cfg(tmp_path, name="toy", **dln):
     d = dict(task="test/dln_toy", iters=3, batch_size=4, num_p_samples=2, num_h_samples=2, val_freq=1,
              num_dev=None, num_test=None, memory_size=2,
@@ -66,7 +84,7 @@ def test_run_directory_contents(tmp_path, capsys):
                                                                     .read_text().splitlines()))
         assert 0.0 <= r["test"]["learned"] <= 1.0
     summary = (run_dir / "summary.md").read_text()
-    assert "| one | 1 | fake |" in summary and "| two | 2 | fake |" in summary
+    assert "| one | test/dln_toy | 1 | fake |" in summary and "| two | test/dln_toy | 2 | fake |" in summary
     assert summary in capsys.readouterr().out
     # the proposer of system "two" is its own backend
     assert any(r["lm_calls"]["other"]["generate"]["calls"] > 0 for r in updated)

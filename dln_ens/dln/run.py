@@ -122,11 +122,18 @@ def run_dln(cfg: Config, pool, run_dir: Path | None = None, resume: bool = True)
     write_json(run_dir / "config.json", resolved)
     fingerprint = experiment_fingerprint(resolved)
 
-    task = load_task(dcfg.task, **dcfg.task_kwargs)
-    dev = task.dev[:dcfg.num_dev] if dcfg.num_dev is not None else task.dev
-    test = task.test[:dcfg.num_test] if dcfg.num_test is not None else task.test
-    if not dev or not test:
-        raise ConfigError(f"task {task.name!r}: empty dev ({len(dev)}) or test ({len(test)}) split")
+    splits: dict[str, tuple] = {}   # task name -> (task, dev, test), each loaded once
+
+    def task_splits(name: str) -> tuple:
+        if name not in splits:
+            task = load_task(name, **dcfg.task_kwargs)
+            dev = task.dev[:dcfg.num_dev] if dcfg.num_dev is not None else task.dev
+            test = task.test[:dcfg.num_test] if dcfg.num_test is not None else task.test
+            if not dev or not test:
+                raise ConfigError(f"task {task.name!r}: empty dev ({len(dev)}) or test ({len(test)}) split")
+            splits[name] = (task, dev, test)
+        return splits[name]
+
     library = TemplateLibrary(dcfg.templates, dcfg.template_dir)
     counters: dict[int, CountingLM] = {}
 
@@ -136,15 +143,16 @@ def run_dln(cfg: Config, pool, run_dir: Path | None = None, resume: bool = True)
 
     results = {}
     for system in dcfg.systems:
-        results[system.name] = _run_system(system, dcfg, task, dev, test, get_backend, counters,
-                                           library, run_dir, resume, fingerprint)
-    summary = format_summary(task, results, len(dev), len(test))
+        task, dev, test = task_splits(system.task or dcfg.task)
+        results[system.name] = {"task": task.name, "num_dev": len(dev), "num_test": len(test),
+                                **_run_system(system, dcfg, task, dev, test, get_backend, counters,
+                                              library, run_dir, resume, fingerprint)}
+    summary = format_summary(results)
     write_json(run_dir / "best_prompts.json", {n: r["best_prompts"] for n, r in results.items()})
-    write_json(run_dir / "results.json", {"task": task.name, "num_dev": len(dev), "num_test": len(test),
-                                          "systems": results})
+    write_json(run_dir / "results.json", {"task": dcfg.task, "systems": results})
     atomic_write_text(run_dir / "summary.md", summary)
     print(summary)
-    return {"run_dir": str(run_dir), "task": task.name, "systems": results, "summary": summary}
+    return {"run_dir": str(run_dir), "task": dcfg.task, "systems": results, "summary": summary}
 
 
 def experiment_fingerprint(resolved: dict) -> str:
@@ -242,16 +250,15 @@ def _run_system(system, dcfg, task, dev, test, get_backend, counters, library, r
             "test": {"init": state["test"]["init"], "learned": state["test"]["best"]}}
 
 
-def format_summary(task: Task, results: dict, num_dev: int, num_test: int) -> str:
-    lines = [f"# DLN results: {task.name}", "",
-             f"Accuracy of the initial prompt vs the learned one (best dev) on dev (n={num_dev}) "
-             f"and test (n={num_test}).", "",
-             "| system | layers | backend | dev init | dev learned | test init | test learned | best iter |",
-             "|---|---|---|---|---|---|---|---|"]
+def format_summary(results: dict) -> str:
+    lines = ["# DLN results", "",
+             "Accuracy of the initial prompt vs the learned one (best dev) on the dev and test splits.", "",
+             "| system | task | layers | backend | dev init | dev learned | test init | test learned | n dev / test | best iter |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['layers']} | {r['backend']} | {r['dev']['init']:.3f} | "
+        lines.append(f"| {name} | {r['task']} | {r['layers']} | {r['backend']} | {r['dev']['init']:.3f} | "
                      f"{r['dev']['learned']:.3f} | {r['test']['init']:.3f} | {r['test']['learned']:.3f} | "
-                     f"{r['best_iteration']} |")
+                     f"{r['num_dev']} / {r['num_test']} | {r['best_iteration']} |")
     lines += ["", "## Learned prompts", ""]
     for name, r in results.items():
         for key, prompt in r["best_prompts"].items():
