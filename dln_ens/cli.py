@@ -42,14 +42,12 @@ def cmd_mat(args) -> int:
 def cmd_run(args) -> int:
     from dln_ens.backends import BackendPool
     from dln_ens.config import config_to_dict
-    from dln_ens.io import atomic_write_text
-    import json
+    from dln_ens.io import write_json
 
     cfg = _conf(args)
     pool = BackendPool(cfg)
     run_dir = Path(cfg.runs_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2))
+    write_json(run_dir / "config.json", config_to_dict(cfg))
     t0 = time.perf_counter()
     parts = args.only or ["eval", "dln"]
     if "eval" in parts and cfg.eval is not None and cfg.eval.backends:

@@ -321,8 +321,7 @@ def _parse_backends(data: Any, ctx: _Ctx) -> dict[str, Backend]:
     return out
 
 
-def parse_config(data: dict, source: str = "<dict>", check_paths: bool = True,
-                 check_models: bool = True) -> Config:
+def parse_config(data: dict, source: str = "<dict>", check_paths: bool = True) -> Config:
     """Validate a config dict. ``check_paths``: model directories must exist (set False for
     commands that create them, e.g. `dln-ens zoo`)."""
     ctx = _Ctx(source)
@@ -337,7 +336,7 @@ def parse_config(data: dict, source: str = "<dict>", check_paths: bool = True,
         raise ctx.error("backends", "missing required key; add \"backends\": {name: {\"type\": \"hf\", \"path\": ...}}")
     cfg.backends = _parse_backends(raw_backends, ctx)
     cfg.source = source
-    _check_references(cfg, ctx, check_paths and check_models)
+    _check_references(cfg, ctx, check_paths)
     return cfg
 
 

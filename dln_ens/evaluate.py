@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from dln_ens.backends import BackendPool, describe_backend
 from dln_ens.config import Config, config_to_dict
 from dln_ens.data import Task, load_task
-from dln_ens.io import atomic_write_text, markdown_table, read_jsonl, write_jsonl
+from dln_ens.io import atomic_write_text, markdown_table, write_jsonl
 
 
 def forward_prompts(task: Task, examples, prompt: str | None = None) -> list[str]:
@@ -59,7 +59,8 @@ def evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool = True)
     tasks = {name: load_task(name) for name in ev.tasks}
     for backend in ev.backends:
         for task_name, task in tasks.items():
-            cell = cells_dir / f"{backend}__{task_name.replace('/', '_')}.json"
+            stem = f"{backend}__{task_name.replace('/', '_')}"
+            cell = cells_dir / f"{stem}.json"
             key = _cell_key(cfg, backend, task_name)
             if resume and cell.exists():
                 saved = json.loads(cell.read_text())
@@ -82,7 +83,7 @@ def evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool = True)
                    "instruction": ev.instructions.get(task_name, task.instruction), "split": ev.split,
                    "n": len(examples), "accuracy": round(float(np.mean(correct)) if correct else 0.0, 4),
                    "seconds": round(seconds, 2)}
-            write_jsonl(cells_dir / f"{backend}__{task_name.replace('/', '_')}.predictions.jsonl",
+            write_jsonl(cells_dir / f"{stem}.predictions.jsonl",
                         [{"input": ex.input, "target": ex.target, "prediction": p, "correct": c}
                          for ex, p, c in zip(examples, preds, correct)])
             atomic_write_text(cell, json.dumps({"key": key, "row": row}, indent=1))
@@ -96,7 +97,3 @@ def eval_table(rows: list[dict]) -> str:
     cols = ["backend", "type", "method", "lr", "steps", "matrix", "task", "instruction", "n",
             "accuracy", "seconds"]
     return markdown_table(rows, cols)
-
-
-def load_eval_rows(run_dir: Path) -> list[dict]:
-    return read_jsonl(Path(run_dir) / "eval_results.jsonl")

@@ -110,7 +110,7 @@ class ScriptedLM:
         return np.zeros((len(contexts), len(candidates)))
 
 
-def test_user_class_backend_by_import_path(tmp_path):
+def test_user_class_backend_by_import_path():
     conf = {"name": "t", "backends": {"mine": {"type": "class", "class": "test_config:ScriptedLM",
                                                "kwargs": {"answer": "No"}}}}
     pool = BackendPool(parse_config(conf))

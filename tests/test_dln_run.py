@@ -26,7 +26,7 @@ def _small_toy_task() -> Task:
                 classes=["Yes", "No"])
 
 
-def test_a_system_can_name_its_own_task(tmp_path, capsys):
+def test_a_system_can_name_its_own_task(tmp_path):
     cfg = make_cfg(tmp_path, iters=1, systems=[DLNSystem(name="one", layers=1, backend="fake"),
                                                DLNSystem(name="small", layers=1, backend="fake",
                                                          task="test/dln_toy_small")])

@@ -200,7 +200,7 @@ def test_dln2_posterior_weights_and_elbos(rewrite_wrong_only, tf, lp):
 def test_held_out_ranking_scores_the_other_half():
     lm = ScriptedLM()
     task = make_task(["Yes", "No"], n=8)
-    net, tr = dln1(lm, task, num_p_samples=2, memory_size=0, held_out_prompt_ranking=True)
+    _, tr = dln1(lm, task, num_p_samples=2, memory_size=0, held_out_prompt_ranking=True)
     prop, rank = tr._split(8, 1)
     assert len(prop) == len(rank) == 4 and not set(prop) & set(rank)
     rec = tr.step(task.train, 1)

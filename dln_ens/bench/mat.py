@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dln_ens.io import markdown_table
+
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 MEMBERS = ["llama-spm", "gpt-2", "falcon"]
 
@@ -94,15 +96,16 @@ def _mb(n: float) -> str:
 
 
 def table(rows: list[dict], k: int) -> str:
-    lines = [f"| member | vocab | anchors | build k={k} (s) | bare product (s) | build / bare | peak RSS | "
-             f"dense fp32 | sparse k=16 | sparse k=64 | sparse k=256 | k=64 / dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = []
     for r in rows:
         sp = {int(a): b for a, b in r["sparse_bytes"].items()}
-        lines.append(f"| {r['member']} | {r['vocab']} | {r['anchors']} | {r['build_s']:.1f} | {r['bare_s']:.1f} | "
-                     f"{r['build_s'] / r['bare_s']:.2f}x | {r['peak_rss_mb']:,.0f} MB | {_mb(r['dense_bytes'])} | "
-                     f"{_mb(sp[16])} | {_mb(sp[64])} | {_mb(sp[256])} | {100 * sp[64] / r['dense_bytes']:.2f}% |")
-    return "\n".join(lines)
+        out.append({"member": r["member"], "vocab": r["vocab"], "anchors": r["anchors"],
+                    f"build k={k} (s)": f"{r['build_s']:.1f}", "bare product (s)": f"{r['bare_s']:.1f}",
+                    "build / bare": f"{r['build_s'] / r['bare_s']:.2f}x",
+                    "peak RSS": f"{r['peak_rss_mb']:,.0f} MB", "dense fp32": _mb(r["dense_bytes"]),
+                    "sparse k=16": _mb(sp[16]), "sparse k=64": _mb(sp[64]), "sparse k=256": _mb(sp[256]),
+                    "k=64 / dense": f"{100 * sp[64] / r['dense_bytes']:.2f}%"})
+    return markdown_table(out).rstrip("\n")
 
 
 def main(argv: list[str] | None = None) -> int:

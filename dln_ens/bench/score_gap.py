@@ -30,6 +30,7 @@ def main(argv=None):
     import torch
 
     from dln_ens.data import load_task
+    from dln_ens.evaluate import forward_prompts
     from dln_ens.ensemble.model import EnsembleLanguageModel
     from dln_ens.lm.hf import HFLanguageModel
     from dln_ens.relrep.build import build_matrices
@@ -50,12 +51,12 @@ def main(argv=None):
     for name in args.tasks:
         task = load_task(name)
         exs = task.test[:args.examples]
-        contexts, targets = [], []
-        for ex in exs:
-            ctx = f"{task.instruction}\n\nInput: {ex.input}\nAnswer:"
+        contexts, targets, counts = [], [], []
+        for ex, ctx in zip(exs, forward_prompts(task, exs)):
             cands = task.classes or [ex.target] + [e.target for e in task.test if e.target != ex.target][:3]
             contexts += [ctx] * len(cands)
             targets += [" " + c for c in cands]
+            counts.append(len(cands))
         t0 = time.perf_counter()
         e = exact.score(contexts, targets)
         te = time.perf_counter() - t0
@@ -64,8 +65,7 @@ def main(argv=None):
         tf = time.perf_counter() - t0
         gaps = [abs(a.logprob - b.logprob) for a, b in zip(e, f)]
         same_rank, i = 0, 0
-        for ex in exs:
-            k = len(task.classes) if task.classes else min(4, 1 + len([x for x in task.test if x.target != ex.target]))
+        for k in counts:
             ea = max(range(k), key=lambda j: e[i + j].logprob)
             fa = max(range(k), key=lambda j: f[i + j].logprob)
             same_rank += ea == fa

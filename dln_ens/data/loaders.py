@@ -147,10 +147,13 @@ def normalize_number(text: str) -> str:
     return num
 
 
+_PUNCTUATION = frozenset(string.punctuation)
+
+
 def normalize_qa(text: str) -> str:
     """SQuAD-style exact-match normalisation: lower case, no punctuation or articles."""
     text = text.strip().split("\n")[0].lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
@@ -280,6 +283,7 @@ def load_ordered_prompt(task: str, root: str = DEFAULT_ROOT, seed: int = 0, num_
     """train: ``num_train`` drawn from train.jsonl; dev: dev_subsample.jsonl; test: ``num_test``
     drawn from test.jsonl (the DLN paper's protocol). Options are appended to each input."""
     mapping, instruction = ORDERED_PROMPT[task]
+    classes = list(mapping.values())
     folder = Path(root) / "ordered_prompt" / task
     splits = {}
     for split, fname in (("train", "train.jsonl"), ("dev", "dev_subsample.jsonl"), ("test", "test.jsonl")):
@@ -289,12 +293,12 @@ def load_ordered_prompt(task: str, root: str = DEFAULT_ROOT, seed: int = 0, num_
             label = str(r["label"])
             if label not in mapping:
                 raise DataError(f"{path}:{line}: label {r['label']!r} is not one of {sorted(mapping)}")
-            examples.append(Example(_with_options(r["sentence"], list(mapping.values())), mapping[label]))
+            examples.append(Example(_with_options(r["sentence"], classes), mapping[label]))
         splits[split] = examples
     train = _shuffled(splits["train"], f"ordered_prompt/{task}/train", seed)[:num_train]
     test = _shuffled(splits["test"], f"ordered_prompt/{task}/test", seed)[:num_test]
     return Task(f"ordered_prompt/{task}", instruction, train, splits["dev"], test,
-                classes=list(mapping.values()), description=f"Ordered-Prompt {task}",
+                classes=classes, description=f"Ordered-Prompt {task}",
                 meta={"source": str(folder), "seed": seed})
 
 
@@ -316,17 +320,17 @@ def load_leopard(task: str, root: str = DEFAULT_ROOT, seed: int = 0) -> Task:
     """The ``<task>_eval.json`` set shuffled with ``seed``: 1000 train, 250 dev, 250 test (fewer
     records: 60/20/20%)."""
     mapping, instruction = LEOPARD[task]
+    classes = list(dict.fromkeys(mapping.values()))
     path = Path(root) / "leopard" / task / f"{task}_eval.json"
     examples = []
     for line, r in read_json_records(path, {"sentence1": str, "label": str}):
         if r["label"] not in mapping:
             raise DataError(f"{path}:{line}: label {r['label']!r} is not one of {sorted(mapping)}")
-        examples.append(Example(_with_options(r["sentence1"], list(dict.fromkeys(mapping.values()))),
-                                mapping[r["label"]]))
+        examples.append(Example(_with_options(r["sentence1"], classes), mapping[r["label"]]))
     n = len(examples)
     sizes = (1000, 250, 250) if n >= 1500 else (n * 3 // 5, n // 5, n // 5)
     train, dev, test = _cut(_shuffled(examples, f"leopard/{task}", seed), sizes)
-    return Task(f"leopard/{task}", instruction, train, dev, test, classes=list(dict.fromkeys(mapping.values())),
+    return Task(f"leopard/{task}", instruction, train, dev, test, classes=classes,
                 description=f"Leopard {task}", meta={"source": str(path), "seed": seed})
 
 

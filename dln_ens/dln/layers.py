@@ -26,7 +26,7 @@ class CallCache:
     def score(self, lm: LanguageModel, contexts: list[str], targets: list[str]) -> list[tuple[float, int]]:
         memo = self._score.setdefault(id(lm), {})
         keys = list(zip(contexts, targets))
-        todo = sorted(set(k for k in keys if k not in memo))
+        todo = sorted({k for k in keys if k not in memo})
         if todo:
             out = lm.score([c for c, _ in todo], [t for _, t in todo])
             if len(out) != len(todo):
@@ -39,7 +39,7 @@ class CallCache:
     def next_token_logprobs(self, lm: LanguageModel, contexts: list[str], candidates: list[str]) -> np.ndarray:
         memo = self._classes.setdefault(id(lm), {})
         cands = tuple(candidates)
-        todo = sorted(set(c for c in contexts if (c, cands) not in memo))
+        todo = sorted({c for c in contexts if (c, cands) not in memo})
         if todo:
             out = np.asarray(lm.next_token_logprobs(todo, list(cands)), dtype=np.float64)
             if out.shape != (len(todo), len(cands)):

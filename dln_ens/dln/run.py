@@ -34,14 +34,10 @@ from dln_ens.dln.network import DeepLanguageNetwork
 from dln_ens.dln.samplers import PosteriorSampler, PromptProposer
 from dln_ens.dln.templates import TemplateLibrary
 from dln_ens.dln.trainer import VariationalTrainer, batch_indices
-from dln_ens.io import atomic_write_text, read_jsonl, write_jsonl
+from dln_ens.io import atomic_write_text, markdown_table, read_jsonl, write_json, write_jsonl
 
 
 # ----------------------------------------------------------------------------- files
-
-def write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
 
 def _read_log(path: Path) -> list[dict]:
     """The iteration log; a torn last line (a crash while appending) is dropped, since its
@@ -72,9 +68,8 @@ def check_dln_config(d: DLNConfig, where: str = "dln") -> None:
                      ("output_max_new_tokens", 1), ("proposal_max_new_tokens", 1)):
         if getattr(d, key) < low:
             raise ConfigError(f"key '{where}.{key}': must be at least {low}, got {getattr(d, key)}")
-    for key in ("posterior_temp",):
-        if getattr(d, key) <= 0:
-            raise ConfigError(f"key '{where}.{key}': must be > 0")
+    if d.posterior_temp <= 0:
+        raise ConfigError(f"key '{where}.posterior_temp': must be > 0")
     for key in ("trust_factor", "logp_penalty", "proposal_temperature", "h_temperature"):
         if getattr(d, key) < 0:
             raise ConfigError(f"key '{where}.{key}': must be >= 0")
@@ -251,15 +246,14 @@ def _run_system(system, dcfg, task, dev, test, get_backend, counters, library, r
 
 
 def format_summary(results: dict) -> str:
+    rows = [{"system": name, "task": r["task"], "layers": r["layers"], "backend": r["backend"],
+             "dev init": f"{r['dev']['init']:.3f}", "dev learned": f"{r['dev']['learned']:.3f}",
+             "test init": f"{r['test']['init']:.3f}", "test learned": f"{r['test']['learned']:.3f}",
+             "n dev / test": f"{r['num_dev']} / {r['num_test']}", "best iter": r["best_iteration"]}
+            for name, r in results.items()]
     lines = ["# DLN results", "",
              "Accuracy of the initial prompt vs the learned one (best dev) on the dev and test splits.", "",
-             "| system | task | layers | backend | dev init | dev learned | test init | test learned | n dev / test | best iter |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['task']} | {r['layers']} | {r['backend']} | {r['dev']['init']:.3f} | "
-                     f"{r['dev']['learned']:.3f} | {r['test']['init']:.3f} | {r['test']['learned']:.3f} | "
-                     f"{r['num_dev']} / {r['num_test']} | {r['best_iteration']} |")
-    lines += ["", "## Learned prompts", ""]
+             markdown_table(rows).rstrip("\n"), "", "## Learned prompts", ""]
     for name, r in results.items():
         for key, prompt in r["best_prompts"].items():
             lines.append(f"- **{name}** {key}: {json.dumps(prompt, ensure_ascii=False)}")

@@ -51,15 +51,6 @@ def batch_indices(num_train: int, batch_size: int, seed: int, iteration: int) ->
     return out
 
 
-def _unique(items: list[str]) -> list[str]:
-    seen, out = set(), []
-    for s in items:
-        if s not in seen:
-            seen.add(s)
-            out.append(s)
-    return out
-
-
 class VariationalTrainer:
     def __init__(self, network: DeepLanguageNetwork, proposer: PromptProposer,
                  posterior: PosteriorSampler | None, task: Task, cfg: DLNConfig, seed: int | None = None):
@@ -126,7 +117,7 @@ class VariationalTrainer:
         return record
 
     def _candidates(self, current: str, proposals: list[str], key: str) -> list[str]:
-        return _unique([current] + proposals + self._memory_prompts(key))
+        return list(dict.fromkeys([current] + proposals + self._memory_prompts(key)))   # unique, in order
 
     def _step_one_layer(self, x, y, preds, wrong, iteration, cache) -> dict:
         cfg, out = self.cfg, self.net.output
@@ -138,13 +129,14 @@ class VariationalTrainer:
         cands = self._candidates(out.prompt, props, "p2")
         K = len(cands)
         rx = [x[i] for i in rank for _ in cands]
+        ry = [y[i] for i in rank for _ in cands]
         rp = [c for _ in rank for c in cands]
-        scores = self._output_scores(rp, rx, [y[i] for i in rank for _ in cands], None, cache)
+        scores = self._output_scores(rp, rx, ry, None, cache)
         scores = scores.reshape(len(rank), 1, K)
         elbos = E.elbo(scores, np.ones((len(rank), 1)))
         kl = pen = None
         if cfg.trust_factor > 0:
-            probs = out.log_likelihood(rp, rx, [y[i] for i in rank for _ in cands], None, cache)[1]
+            probs = out.log_likelihood(rp, rx, ry, None, cache)[1]
             kl = E.trust_kl(probs.reshape(len(rank), K, -1))
         if cfg.logp_penalty > 0:
             # log-likelihood, under each candidate, of the wrong answers the current prompt gave
@@ -200,14 +192,20 @@ class VariationalTrainer:
         w = weights[rank]
         rcells = [(r, i, j) for r, i in enumerate(rank) for j in range(len(H[i]))]
 
+        def grid(cands: list[str], score) -> np.ndarray:
+            """[len(rank), Hmax, K]: ``score(prompts, example indices, hs)`` of every ranked
+            sample under every candidate, in one call."""
+            req = [(r, i, j, k) for r, i, j in rcells for k in range(len(cands))]
+            s = np.zeros((len(rank), Hmax, len(cands)))
+            flat = score([cands[k] for *_, k in req], [i for _, i, _, _ in req], [H[i][j] for _, i, j, _ in req])
+            for (r, _, j, k), v in zip(req, flat):
+                s[r, j, k] = v
+            return s
+
         # p2: ELBO over the posterior samples
         K2 = len(c2)
-        req = [(r, i, j, k) for r, i, j in rcells for k in range(K2)]
-        s2 = np.zeros((len(rank), Hmax, K2))
-        flat = self._output_scores([c2[k] for *_, k in req], [x[i] for _, i, _, _ in req],
-                                   [y[i] for _, i, _, _ in req], [H[i][j] for _, i, j, _ in req], cache)
-        for (r, _, j, k), v in zip(req, flat):
-            s2[r, j, k] = v
+        s2 = grid(c2, lambda ps, idx, hs: self._output_scores(ps, [x[i] for i in idx], [y[i] for i in idx],
+                                                                hs, cache))
         elbo2 = E.elbo(s2, w)
         kl = None
         if cfg.trust_factor > 0:   # on the forward h (sample 0) under each candidate
@@ -219,13 +217,7 @@ class VariationalTrainer:
         best2 = E.select(obj2)
 
         # p1: ELBO of the sharpened samples under each candidate
-        K1 = len(c1)
-        req = [(r, i, j, k) for r, i, j in rcells for k in range(K1)]
-        s1 = np.zeros((len(rank), Hmax, K1))
-        flat = hid.log_prob([c1[k] for *_, k in req], [x[i] for _, i, _, _ in req],
-                            [H[i][j] for _, i, j, _ in req], cache)
-        for (r, _, j, k), v in zip(req, flat):
-            s1[r, j, k] = v
+        s1 = grid(c1, lambda ps, idx, hs: hid.log_prob(ps, [x[i] for i in idx], hs, cache))
         elbo1 = E.elbo(s1, w)
         pen = None
         if cfg.logp_penalty > 0:   # log p(forward h | x, p) on the wrong examples

@@ -26,6 +26,8 @@ from __future__ import annotations
 import codecs
 from bisect import bisect_left
 
+from dln_ens.lm.batching import common_prefix
+
 
 def visible_text(data: bytes) -> str:
     """The text members see: ``data`` decoded, an incomplete trailing character held back."""
@@ -34,16 +36,6 @@ def visible_text(data: bytes) -> str:
 
 def final_text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
-
-
-def common_prefix(a, b) -> int:
-    if len(a) <= len(b) and b[:len(a)] == a:   # the usual case: the text only grew
-        return len(a)
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class TokenTrack:

@@ -28,7 +28,6 @@ differently); stop strings are searched in that text.
 """
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Sequence
 
@@ -36,11 +35,11 @@ import numpy as np
 import torch
 
 from dln_ens.ensemble.align import TokenTrack, final_text, visible_text
-from dln_ens.fusion.methods import Fusion
+from dln_ens.fusion.methods import Fusion, needs_matrices
 from dln_ens.lm.base import Generation, Score
 from dln_ens.lm.batching import chunks, pad, positions
-from dln_ens.lm.hf import candidate_logprobs
-from dln_ens.lm.stopping import cut_at_stop, first_stop, sequence_seeds
+from dln_ens.lm.hf import candidate_logprobs, check_candidates, pick_tokens, sampling_seeds
+from dln_ens.lm.stopping import cut_at_stop, first_stop
 from dln_ens.relrep.vocab import token_surfaces
 
 SCORE_MODES = ("exact", "fast")
@@ -51,19 +50,11 @@ class _Lane:
 
     def __init__(self, member, seqs: list[list[int]]):
         self.member = member
-        self.keeps_logits = "logits_to_keep" in inspect.signature(member.forward).parameters
         ids, mask = pad(seqs, member.pad_token_id, "left", member.device)
-        self.logits, self.cache = self._forward(ids, mask, None, positions(mask, ids.shape[1]))
+        self.logits, self.cache = member.last_logits(ids, mask, None, positions(mask, ids.shape[1]))
         self.mask = mask
         width = ids.shape[1]
         self.slots = [list(range(width - len(s), width)) for s in seqs]   # cache column of each token
-
-    def _forward(self, ids, mask, cache, pos):
-        if self.keeps_logits:
-            logits, cache = self.member.forward(ids, mask, cache, pos, logits_to_keep=1)
-        else:
-            logits, cache = self.member.forward(ids, mask, cache, pos)
-        return logits[:, -1], cache
 
     def advance(self, keep: list[int], new: list[list[int]]) -> None:
         """Row b keeps its first keep[b] tokens and appends new[b] (a rolled-back row must
@@ -87,7 +78,7 @@ class _Lane:
             pos[b, n - m:] = torch.arange(len(self.slots[b]), len(self.slots[b]) + m)
             self.slots[b].extend(range(width + n - m, width + n))
         self.mask = torch.cat([self.mask, block], 1)
-        logits, self.cache = self._forward(ids, self.mask, self.cache, pos)
+        logits, self.cache = self.member.last_logits(ids, self.mask, self.cache, pos)
         rows = torch.tensor(fed, device=logits.device)
         self.logits = self.logits.index_copy(0, rows.to(self.logits.device), logits[rows].to(self.logits.device))
 
@@ -126,11 +117,10 @@ class EnsembleLanguageModel:
         self.main_member = members[main]
         self.vocab_size = self.main_member.vocab_size
         self.eos_token_id = self.main_member.eos_token_id
-        self.stop_ids = set(getattr(self.main_member, "stop_token_ids", None) or
-                            ([self.eos_token_id] if self.eos_token_id is not None else []))
+        self.stop_ids = set(self.main_member.stop_token_ids)   # EOS and generation_config's ids
         self.surfaces = token_surfaces(self.main_member.tokenizer)
         mats = None
-        if method == "deepen" and len(self.names) > 1 and lr != 0 and steps != 0:
+        if needs_matrices(method, self.names, lr, steps):
             mats = self._load_matrices(matrices)
         surf = toks = None
         if method == "union":
@@ -194,11 +184,8 @@ class EnsembleLanguageModel:
             logp = self._fused(lanes)
             if forced is not None:
                 tok = torch.tensor([forced[r][t] for r in rows], device=logp.device)
-            elif temperature == 0:
-                tok = logp.argmax(-1)
             else:
-                probs = torch.softmax(logp / temperature, -1)
-                tok = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)])
+                tok = pick_tokens(logp, temperature, gens)
             lp = logp.gather(1, tok[:, None])[:, 0].tolist()
             tok = tok.tolist()
             done = []
@@ -224,11 +211,12 @@ class EnsembleLanguageModel:
                 tok, rows = [tok[i] for i in live], [rows[i] for i in live]
                 gens = gens and [gens[i] for i in live]
             lanes[self.main].advance([len(s) for s in lanes[self.main].slots], [[x] for x in tok])
+            shown = [visible_text(prompt_bytes[r] + gen[r]) for r in rows] if self.others else []
             for n in self.others:
                 keep, new = [], []
-                for tr, r in zip(tracks[n], rows):
+                for tr, text in zip(tracks[n], shown):
                     old = len(tr.ids)
-                    k = tr.update(visible_text(prompt_bytes[r] + gen[r]))
+                    k = tr.update(text)
                     if k < old and k == len(tr.ids):   # rolled back to a shorter sequence: re-feed its last token
                         k -= 1
                     keep.append(k)
@@ -242,18 +230,12 @@ class EnsembleLanguageModel:
                  temperature: float = 0.0, seed: int | None = None) -> list[Generation]:
         """As `LanguageModel.generate`; ``logprob`` sums the fused (untempered) log-probs of the
         generated tokens, through the one that completed a stop string or the EOS token."""
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        seeds = [None] * len(prompts)
-        if temperature > 0:
-            if seed is None:
-                seed = int(torch.randint(0, 2 ** 62, ()).item())
-            seeds = sequence_seeds(seed, prompts)
+        seeds = sampling_seeds(temperature, seed, prompts)
         main = self.main_member
         out: list[Generation | None] = [None] * len(prompts)
         for idx in chunks(list(range(len(prompts))), self.batch_size):
             texts = [prompts[i] for i in idx]
-            main_ids = [main.nonempty(main.encode(p)) for p in texts]
+            main_ids = [main.nonempty(ids) for ids in main.encode_many(texts)]
             ids, lps, gen = self._run(texts, main_ids, max_new_tokens, stop, temperature, [seeds[i] for i in idx])
             for j, i in enumerate(idx):
                 out[i] = Generation(text=cut_at_stop(final_text(gen[j]), stop), logprob=float(sum(lps[j])),
@@ -309,7 +291,7 @@ class EnsembleLanguageModel:
             enc = member.tokenizer(full, return_offsets_mapping=True)
             fids, offs = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
             at: dict[int, int] = {}   # prefix length in chars -> index of the token ending there
-            for j, (s, e) in enumerate(offs):
+            for j, (_, e) in enumerate(offs):
                 if e > 0 and (j + 1 == len(offs) or offs[j + 1][0] >= e):
                     at[e] = j
             ids = torch.tensor([fids])
@@ -337,14 +319,13 @@ class EnsembleLanguageModel:
         out = torch.empty((len(contexts), self.vocab_size), dtype=torch.float32)
         for idx in chunks(list(range(len(contexts))), self.batch_size):
             texts = [contexts[i] for i in idx]
-            _, lanes = self._start(texts, [main.nonempty(main.encode(c)) for c in texts])
+            _, lanes = self._start(texts, [main.nonempty(ids) for ids in main.encode_many(texts)])
             out[idx] = self._fused(lanes).cpu()
         return out
 
     def next_token_logprobs(self, contexts: list[str], candidates: list[str]) -> np.ndarray:
         """One fused step per context; candidates tokenised by the main member exactly as
         `HFLanguageModel.next_token_logprobs` does (max over with / without a leading space)."""
-        if any(not c.strip() for c in candidates):  # before the fused step, which is costly
-            raise ValueError(f"candidates must be non-blank strings, got {candidates!r}")
+        check_candidates(candidates)  # before the fused step, which is costly
         return candidate_logprobs(self.main_member, self.next_token_distribution(contexts),
                                   contexts, candidates)

@@ -26,6 +26,11 @@ METHODS = ("deepen", "main", "union")
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
+def needs_matrices(method: str, names: list[str], lr: float, steps: int) -> bool:
+    """Whether the fusion reads relative-representation matrices (deepen with a real search)."""
+    return method == "deepen" and len(names) > 1 and lr != 0 and steps != 0
+
+
 def normalise_weights(names: list[str], weights: dict[str, float] | None) -> list[float]:
     if weights is None:
         return [1.0 / len(names)] * len(names)
@@ -73,7 +78,7 @@ class Fusion:
         self.tail_mass, self.max_support = tail_mass, max_support
         self.device = torch.device(device)
         self.matrices = {}
-        if method == "deepen" and len(self.names) > 1 and lr != 0 and steps != 0:
+        if needs_matrices(method, self.names, lr, steps):
             if matrices is None or any(n not in matrices for n in self.names):
                 raise ValueError(f"method 'deepen' needs a relative-representation matrix for every member "
                                  f"{self.names}; build them with `sh sh/mat.sh`")

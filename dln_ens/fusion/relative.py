@@ -20,6 +20,8 @@ import torch
 
 from dln_ens.relrep.matrix import RelRepMatrix
 
+BLOCK = 8192   # vocabulary rows per step of a full sparse product (bounds its [B, block, k] temporaries)
+
 
 @dataclass
 class Support:
@@ -66,7 +68,7 @@ def relative_from_support(p_s: torch.Tensor, support: Support, mat: RelRepMatrix
                           tail: torch.Tensor | None = None, rows: SupportRows | None = None) -> torch.Tensor:
     """[B, A]: ``sum_s p_s[b, s] R[idx[b, s]]`` plus ``tail[b]`` spread uniformly over anchors."""
     rows = rows or support_rows(support, mat)
-    B, S = p_s.shape
+    B = p_s.shape[0]
     A = mat.num_anchors
     p_s = p_s * support.valid
     if rows.dense is not None:
@@ -93,7 +95,7 @@ def to_relative(probs: torch.Tensor, mat: RelRepMatrix, support: Support | None 
     return relative_from_support(p_s, support, mat, tail=(1.0 - p_s.sum(-1)).clamp_min(0.0))
 
 
-def _sparse_full(probs: torch.Tensor, mat: RelRepMatrix, block: int = 8192) -> torch.Tensor:
+def _sparse_full(probs: torch.Tensor, mat: RelRepMatrix, block: int = BLOCK) -> torch.Tensor:
     """Exact ``probs @ R`` for a sparse R, in row blocks of the vocabulary to bound memory."""
     B, V = probs.shape
     out = ((probs @ mat.residual) / mat.num_anchors).unsqueeze(-1).expand(B, mat.num_anchors).clone()
@@ -115,8 +117,8 @@ def relative_grad(g_r: torch.Tensor, mat: RelRepMatrix, support: Support | None 
         if not mat.is_sparse:
             return g_r @ mat.dense.T
         out = torch.empty(B, mat.num_rows, dtype=g_r.dtype, device=g_r.device)
-        for lo in range(0, mat.num_rows, 8192):
-            hi = min(lo + 8192, mat.num_rows)
+        for lo in range(0, mat.num_rows, BLOCK):
+            hi = min(lo + BLOCK, mat.num_rows)
             out[:, lo:hi] = (g_r[:, mat.topk_idx[lo:hi]] * mat.topk_val[lo:hi]).sum(-1)
         return out + mat.residual * uniform
     rows = rows or support_rows(support, mat)

@@ -32,16 +32,24 @@ def positions(mask: torch.Tensor, new: int) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)[:, mask.shape[1] - new:]
 
 
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    """Length of the longest common prefix of two sequences (token lists or strings)."""
+    if len(a) <= len(b) and b[:len(a)] == a:   # the usual case: b extends a
+        return len(a)
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     """Length of the longest common prefix of all sequences."""
     if not seqs:
         return 0
     first, n = seqs[0], min(len(s) for s in seqs)
     for s in seqs[1:]:
-        k = 0
-        while k < n and s[k] == first[k]:
-            k += 1
-        n = k
+        n = common_prefix(first[:n], s)
     return n
 
 

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from dln_ens.lm.base import Generation, Score
 from dln_ens.lm.batching import chunks, common_prefix_len, pad, positions
-from dln_ens.lm.loading import check_model_dir, resolve_dtype
+from dln_ens.lm.checkpoint import check_model_dir
+from dln_ens.lm.loading import resolve_dtype
 from dln_ens.lm.stopping import continuation_texts, cut_at_stop, first_stop, sequence_seeds
 
 PROMPT_TAIL = 4  # prompt tokens decoded with the continuation so its first piece keeps its leading space
@@ -138,7 +139,8 @@ class HFLanguageModel:
                          use_cache=True, **kw)
         return out.logits.float(), getattr(out, self._cache_arg)
 
-    def _last_logits(self, ids, mask, cache, pos):
+    def last_logits(self, ids, mask, cache, pos):
+        """``forward`` reduced to the last position's logits [B, V] (and the cache)."""
         if self._forward_keeps_logits:
             logits, cache = self.forward(ids, mask, cache, pos, logits_to_keep=1)
         else:
@@ -154,17 +156,17 @@ class HFLanguageModel:
         if shared > 0:
             prefix = torch.tensor([list(seqs[0][:shared])], device=self.device)
             ones = torch.ones_like(prefix)
-            _, cache = self._last_logits(prefix, ones, None, positions(ones, shared))
+            _, cache = self.last_logits(prefix, ones, None, positions(ones, shared))
             cache.batch_repeat_interleave(b)
         ids, rest_mask = pad([s[shared:] for s in seqs], self.pad_token_id, "left", self.device)
         mask = torch.cat([rest_mask.new_ones((b, shared)), rest_mask], 1)
-        logits, cache = self._last_logits(ids, mask, cache, positions(mask, ids.shape[1]))
+        logits, cache = self.last_logits(ids, mask, cache, positions(mask, ids.shape[1]))
         return logits, cache, mask
 
     def step(self, tokens: torch.Tensor, cache, mask: torch.Tensor):
         """Append one token per row [B]; returns next-token logits [B, V], cache, mask."""
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
-        logits, cache = self._last_logits(tokens[:, None], mask, cache, positions(mask, 1))
+        logits, cache = self.last_logits(tokens[:, None], mask, cache, positions(mask, 1))
         return logits, cache, mask
 
     # ---- the protocol -----------------------------------------------------------------------
@@ -195,14 +197,9 @@ class HFLanguageModel:
                      temperature: float = 0.0, seed: int | None = None, texts: Sequence[str] | None = None):
         """Token-level ``generate``: per prompt, the generated ids (through the stopping token)
         and their log-probs. ``texts`` (the prompts' strings) key the per-sequence seeds."""
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
         n = len(prompt_ids)
-        seeds = [None] * n
-        if temperature > 0:
-            if seed is None:  # still follows torch.manual_seed
-                seed = int(torch.randint(0, 2 ** 62, ()).item())
-            seeds = sequence_seeds(seed, texts if texts is not None else [" ".join(map(str, p)) for p in prompt_ids])
+        seeds = sampling_seeds(temperature, seed, texts if texts is not None else
+                               [" ".join(map(str, p)) for p in prompt_ids])
         new_ids, logps = [[] for _ in range(n)], [[] for _ in range(n)]
         order = sorted(range(n), key=lambda i: prompt_ids[i])  # neighbours share prefixes
         batches = list(chunks(order, self.batch_size))
@@ -228,7 +225,7 @@ class HFLanguageModel:
         eos = torch.tensor(self.stop_token_ids, dtype=torch.long, device=dev)
         tails = [p[-PROMPT_TAIL:] for p in prompt_ids]
         for t in range(max_new_tokens):
-            tok = self._pick(logits, temperature, gens)
+            tok = pick_tokens(logits, temperature, gens)
             tokens[rows, t] = tok
             logps[rows, t] = torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
             lengths[rows] = t + 1
@@ -248,14 +245,6 @@ class HFLanguageModel:
             logits, cache, mask = self.step(tok, cache, mask)
         lengths, tokens, logps = lengths.tolist(), tokens.tolist(), logps.tolist()
         return [(tokens[i][:n], logps[i][:n]) for i, n in enumerate(lengths)]
-
-    @staticmethod
-    def _pick(logits, temperature, gens):
-        if temperature == 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / temperature, -1)
-        # one random stream per sequence; no batched sampler takes several generators
-        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)])
 
     @torch.inference_mode()
     def score(self, contexts: list[str], targets: list[str]) -> list[Score]:
@@ -308,7 +297,35 @@ class HFLanguageModel:
     def next_token_logprobs(self, contexts: list[str], candidates: list[str]) -> np.ndarray:
         """[len(contexts), len(candidates)] log-probability of each candidate as the next text
         (see `candidate_logprobs`). One forward pass per batch of contexts."""
+        check_candidates(candidates)  # before the forward passes
         return candidate_logprobs(self, self.next_token_distribution(contexts), contexts, candidates)
+
+
+def sampling_seeds(temperature: float, seed: int | None, keys: Sequence[str]) -> list[int | None]:
+    """One seed per sequence (``stopping.sequence_seeds`` keyed by ``keys``); all None when
+    greedy. Without ``seed`` a random one is drawn, so sampling still follows torch.manual_seed."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return [None] * len(keys)
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, ()).item())
+    return sequence_seeds(seed, keys)
+
+
+def pick_tokens(logits: torch.Tensor, temperature: float, gens) -> torch.Tensor:
+    """[B] next tokens: argmax at temperature 0, else sampled from softmax(logits / temperature)
+    with row b drawing from its own generator ``gens[b]``."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    # one random stream per sequence; no batched sampler takes several generators
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)])
+
+
+def check_candidates(candidates: list[str]) -> None:
+    if any(not c.strip() for c in candidates):
+        raise ValueError(f"candidates must be non-blank strings, got {candidates!r}")
 
 
 def candidate_logprobs(tokenizing_lm: "HFLanguageModel", dist: torch.Tensor, contexts: list[str],
@@ -321,8 +338,7 @@ def candidate_logprobs(tokenizing_lm: "HFLanguageModel", dist: torch.Tensor, con
     variant) beyond encode(context); the variant encoded alone if the context's tokens are not
     a prefix) and the candidate gets the max over the two first tokens' log-probs.
     """
-    if any(not c.strip() for c in candidates):
-        raise ValueError(f"candidates must be non-blank strings, got {candidates!r}")
+    check_candidates(candidates)
     lm = tokenizing_lm
     bases = [c[1:] if c.startswith(" ") else c for c in candidates]
     variants = [v for b in bases for v in (" " + b, b)]

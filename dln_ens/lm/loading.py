@@ -1,11 +1,7 @@
 """Checks and options for loading a local Hugging Face checkpoint (nothing is ever downloaded)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-
-from dln_ens.lm.checkpoint import TOKENIZER_FILES, WEIGHT_FILES, check_model_dir  # noqa: F401  (re-exported)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -87,8 +87,7 @@ class DepthAccess:
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         out = self.backbone(**kwargs)
-        cache = getattr(out, "cache", None) if self.cache_kwarg == "cache" else getattr(out, "past_key_values", None)
-        return out.last_hidden_state, cache
+        return out.last_hidden_state, getattr(out, self.cache_kwarg, None)
 
     @contextmanager
     def capture_last_layers(self, k: int) -> Iterator[list[torch.Tensor]]:

@@ -78,8 +78,7 @@ class DepthEnsembleLanguageModel(HFLanguageModel):
             raise ValueError(f"top_k={top_k} must be between 1 and k_last={k_last}, or None")
         if top_k is not None and router == "uniform":
             raise ValueError("top_k needs a learned router (a uniform router has no largest weights)")
-        suffix = f"mod-k{k_last}-{router}" + (f"-top{top_k}" if top_k else "")
-        super().__init__(base.model, base.tokenizer, name=name or f"{base.name}+{suffix}",
+        super().__init__(base.model, base.tokenizer, name=name or f"{base.name}+{variant_name(k_last, router, top_k)}",
                          batch_size=getattr(base, "batch_size", 16))
         self.base, self.access = base, access
         self.k_last, self.router, self.top_k = k_last, router, top_k
@@ -99,11 +98,14 @@ class DepthEnsembleLanguageModel(HFLanguageModel):
         dev = self.head.norm_weight.device
         return [h.to(dev) for h in captured], final.to(dev), cache
 
+    def layer_logits(self, j: int, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the j-th of the last k layers: its own norm, then the base's LM head."""
+        lm_head = self.access.lm_head
+        return lm_head(self.head.normed(j, h).to(lm_head.weight.dtype)).float()
+
     def depth_logits(self, hiddens: list[torch.Tensor], final: torch.Tensor) -> DepthOutput:
         """Head math on hidden states of any leading shape ([B,T,d] or selected positions [N,d])."""
-        lm_head = self.access.lm_head
-        dtype = lm_head.weight.dtype
-        layer_logits = [lm_head(self.head.normed(j, h).to(dtype)).float() for j, h in enumerate(hiddens)]
+        layer_logits = [self.layer_logits(j, h) for j, h in enumerate(hiddens)]
         weights = self.head.weights(final, self.top_k)
         return DepthOutput(heads.combine(layer_logits, weights), layer_logits, weights)
 
@@ -115,10 +117,10 @@ class DepthEnsembleLanguageModel(HFLanguageModel):
                                                   None if position_ids is None else position_ids.to(dev))
         if logits_to_keep > 0:
             hiddens, final = [h[:, -logits_to_keep:] for h in hiddens], final[:, -logits_to_keep:]
-        lm_head, w = self.access.lm_head, self.head.weights(final, self.top_k)
+        w = self.head.weights(final, self.top_k)
         out = None  # accumulate layer by layer so k full [B, T, V] tensors never coexist
         for j, h in enumerate(hiddens):
-            z = lm_head(self.head.normed(j, h).to(lm_head.weight.dtype)).float()
+            z = self.layer_logits(j, h)
             out = z if self.k_last == 1 else (w[..., j, None] * z if out is None else out + w[..., j, None] * z)
         return out, cache
 
@@ -199,5 +201,10 @@ def base_fingerprint(model: nn.Module, access: DepthAccess) -> dict:
 def default_head_dir(base_path: str | os.PathLike, k_last: int, router: str, top_k: int | None) -> Path:
     """<parent>/<base_name>.mod-k<k>-<router>[-top<K>]/, beside (never inside) the base model."""
     p = Path(base_path).resolve()
-    return p.parent / (f"{p.name}.mod-k{k_last}-{router}" + (f"-top{top_k}" if top_k else ""))
+    return p.parent / f"{p.name}.{variant_name(k_last, router, top_k)}"
+
+
+def variant_name(k_last: int, router: str, top_k: int | None) -> str:
+    """``mod-k<k>-<router>[-top<K>]``: names a MoD variant (its backend name, its head directory)."""
+    return f"mod-k{k_last}-{router}" + (f"-top{top_k}" if top_k else "")
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dln_ens.data.task import Example, Task
+from dln_ens.lm.batching import common_prefix, pad
 from dln_ens.mod import heads
 from dln_ens.mod.model import DepthEnsembleLanguageModel, default_head_dir
 
@@ -44,10 +45,8 @@ def encode_examples(lm, instruction: str, examples: list[Example], loss_on: str)
     out = []
     for ex in examples:
         prompt, full = forward_text(instruction, ex)
-        ids, pids = lm.encode(full), lm.encode(prompt)
-        start = 0
-        while start < min(len(ids), len(pids)) and ids[start] == pids[start]:
-            start += 1
+        ids = lm.encode(full)
+        start = common_prefix(lm.encode(prompt), ids)
         if loss_on == "all":
             start = 1
         if start >= len(ids):
@@ -57,15 +56,11 @@ def encode_examples(lm, instruction: str, examples: list[Example], loss_on: str)
 
 
 def collate(items: list[tuple[list[int], int]], pad_id: int, device) -> Batch:
-    T = max(len(ids) for ids, _ in items)
-    ids = torch.full((len(items), T), pad_id, dtype=torch.long)
-    att = torch.zeros((len(items), T), dtype=torch.long)
-    loss = torch.zeros((len(items), T), dtype=torch.bool)
+    ids, att = pad([seq for seq, _ in items], pad_id, "right", device)
+    loss = torch.zeros(ids.shape, dtype=torch.bool)
     for i, (seq, start) in enumerate(items):
-        ids[i, :len(seq)] = torch.tensor(seq)
-        att[i, :len(seq)] = 1
         loss[i, start:len(seq)] = True
-    return Batch(ids.to(device), att.to(device), loss.to(device))
+    return Batch(ids, att, loss.to(device))
 
 
 @dataclass
@@ -163,8 +158,7 @@ def tune_mod(mod: DepthEnsembleLanguageModel, task: Task, *, out_dir: str | Path
                           pad_id, batch_size, max_feature_bytes, f"tune-mod {mod.name}: base states", progress)
     dev = FeatureSource(mod, encode_examples(mod, task.instruction, task.dev[:max_dev_examples], loss_on),
                         pad_id, batch_size, max_feature_bytes)
-    params = [p for p in mod.head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(mod.head.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
 
     initial = held_out_loss(mod, dev, batch_size, pad_id)

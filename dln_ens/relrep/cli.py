@@ -24,7 +24,7 @@ def summary_line(ensemble: str, s: MemberStats) -> str:
             f"{_size(s.bytes)} on disk, {s.seconds:.1f} s")
 
 
-def _hf_name(cfg: Config, ensemble: str, member: str) -> str | None:
+def _hf_name(cfg: Config, member: str) -> str | None:
     """The `hf` backend whose embeddings a member uses (a MoD member shares its base's);
     None for a user class."""
     b = cfg.backends[member]
@@ -56,7 +56,7 @@ def build_all(cfg: Config, force: bool = False, progress: bool = True) -> dict[s
         return {}
     plan = {}
     for ens, b in ensembles.items():
-        hf = {m: _hf_name(cfg, ens, m) for m in b.members}
+        hf = {m: _hf_name(cfg, m) for m in b.members}
         users = [m for m, h in hf.items() if h is None]
         if users:
             if b.method == "deepen":

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from dln_ens.config import ZooConfig
 from dln_ens.data.synthetic import make_facts
+from dln_ens.io import write_json
 from dln_ens.zoo.corpus import member_corpus, tokenizer_corpus
 from dln_ens.zoo.models import MemberSpec, make_model, member_specs
 from dln_ens.zoo.tokenizers import train_tokenizer
@@ -46,13 +47,6 @@ def spec_hash(spec: MemberSpec, seed: int) -> str:
     blob = json.dumps({"spec": spec.to_dict(), "seed": seed, "task_seed": TASK_SEED, "version": ZOO_VERSION},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def read_manifest(zoo_dir: Path) -> dict:
@@ -146,7 +140,7 @@ def _build_zoo(zoo_cfg: ZooConfig, force: bool, workers: int) -> dict[str, Path]
             def finish(spec: MemberSpec, seed: int, entry: dict) -> None:
                 _install(tmps[spec.name], zoo_dir / spec.name)
                 manifest["members"][spec.name] = entry | {"hash": spec_hash(spec, seed)}
-                _write_json(zoo_dir / MANIFEST, manifest)
+                write_json(zoo_dir / MANIFEST, manifest, indent=1)
                 paths[spec.name] = zoo_dir / spec.name
                 bar.update()
 
@@ -165,10 +159,8 @@ def _build_zoo(zoo_cfg: ZooConfig, force: bool, workers: int) -> dict[str, Path]
             for tmp in tmps.values():
                 shutil.rmtree(tmp, ignore_errors=True)
     paths = {spec.name: paths[spec.name] for spec in specs}
-    stale = set(manifest["members"]) - set(paths)
-    if stale:
-        manifest["members"] = {k: v for k, v in manifest["members"].items() if k in paths}
-    _write_json(zoo_dir / MANIFEST, manifest)
+    manifest["members"] = {k: v for k, v in manifest["members"].items() if k in paths}   # drop stale members
+    write_json(zoo_dir / MANIFEST, manifest, indent=1)
     return paths
 
 

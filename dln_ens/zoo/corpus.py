@@ -141,10 +141,11 @@ def tokenizer_corpus(task_seed: int = 0, num_navigate: int = 300) -> list[str]:
     """Texts every tokenizer is trained on: the whole world (all members' facts), so each
     vocabulary covers every entity and the vocabularies share many surface strings."""
     rng = random.Random(f"tokenizer-corpus/{task_seed}")
+    facts = syn.make_facts(task_seed)
     docs = []
-    for f in syn.make_facts(task_seed):
+    for f in facts:
         docs += fact_docs(f, rng, qa_repeats=1)
     walks = syn.navigate_examples(rng, num_navigate)
     for x, returns in walks:
         docs += navigate_docs(x, returns, rng)
-    return docs + proposal_docs(syn.make_facts(task_seed), walks, 50, rng) + instruction_lines()
+    return docs + proposal_docs(facts, walks, 50, rng) + instruction_lines()

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dln_ens.data import synthetic as syn
 from dln_ens.data.registry import load_task
 from dln_ens.data.task import Example, normalize_answer
-from dln_ens.io import atomic_write_text
+from dln_ens.io import atomic_write_text, markdown_table
 
 
 def forward_prompt(instruction: str, x: str) -> str:
@@ -144,11 +144,9 @@ def markdown(rep: dict) -> str:
             "facts_acc", "facts_acc_generic_prompt", "facts_paraphrase_known_acc", "navigate_acc",
             "navigate_acc_generic_prompt", "navigate_cls_acc", "navigate_cls_acc_generic_prompt"]
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rep["members"]]
-    lines.append(f"\nfacts_qa {rep['split']}: fraction answered correctly by at least one member "
-                 f"(one-word instruction): {rep['facts_union_acc']:.2f}")
-    return "\n".join(lines)
+    table = markdown_table([{c: fmt(r[c]) for c in cols} for r in rep["members"]], cols)
+    return (f"{table}\nfacts_qa {rep['split']}: fraction answered correctly by at least one member "
+            f"(one-word instruction): {rep['facts_union_acc']:.2f}")
 
 
 def main(argv=None) -> None:
