@@ -34,7 +34,8 @@ def predict(lm, task: Task, prompts: list[str], max_new_tokens: int, batch_size:
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         if task.classes:
-            lp = np.asarray(lm.next_token_logprobs(chunk, list(task.classes)))
+            from dln_ens.dln.layers import class_logprobs
+            lp = class_logprobs(lm, chunk, list(task.classes))
             preds += [task.classes[j] for j in lp.argmax(axis=1)]
         else:
             gens = lm.generate(chunk, max_new_tokens=max_new_tokens, stop=["\n"], temperature=0.0)

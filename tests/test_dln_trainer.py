@@ -241,3 +241,16 @@ def test_verbalizers_sharing_a_first_character_are_scored_as_whole_strings():
         assert ll[i] == pytest.approx(class_ll(hashed_logprob, fwd(p, x), t, ["(A)", "(B)", "(C)"]), abs=1e-9)
         assert probs[i].sum() == pytest.approx(1.0)
     assert OutputLayer(LIB.get("classify_forward"), lm, "P", ["Yes", "No"]).class_mode == "next_token"
+
+
+def test_plain_evaluation_scores_shared_first_character_verbalizers_as_whole_strings():
+    """evaluate.predict and the DLN output layer choose classes the same way."""
+    from dln_ens.data.task import Task
+    from dln_ens.evaluate import predict
+    lm = ScriptedLM()
+    task = Task("mc", "P", [], [], [], classes=["(A)", "(B)", "(C)"])
+    contexts = [fwd("P", "x1"), fwd("P", "x2")]
+    preds = predict(lm, task, contexts, max_new_tokens=4, batch_size=8)
+    assert {m for m, _ in lm.calls} == {"score"}
+    expected = [max(task.classes, key=lambda c: hashed_logprob(ctx, " " + c)) for ctx in contexts]
+    assert preds == expected

@@ -77,6 +77,27 @@ def generate(lm: LanguageModel, prompts: list[str], *, max_new_tokens: int, stop
     return out
 
 
+def class_scoring_mode(classes: list[str]) -> str:
+    """"next_token" when the verbalizers' first characters tell them apart, else "full_string"."""
+    firsts = [c.lstrip()[:1] for c in classes]
+    return "next_token" if len(set(firsts)) == len(firsts) else "full_string"
+
+
+def class_logprobs(lm: LanguageModel, contexts: list[str], classes: list[str],
+                   cache: CallCache | None = None) -> np.ndarray:
+    """[N, C] unnormalised log-probabilities of the verbalizers after each context.
+
+    `next_token_logprobs` sees only a verbalizer's first token: when two verbalizers start
+    alike ("(A)", "(B)") it cannot tell them apart, so those tasks score whole strings."""
+    cache = cache or CallCache()
+    if class_scoring_mode(classes) == "next_token":
+        return cache.next_token_logprobs(lm, contexts, classes)
+    flat_c = [c for c in contexts for _ in classes]
+    flat_t = [" " + v for _ in contexts for v in classes]
+    out = cache.score(lm, flat_c, flat_t)
+    return np.asarray([lp for lp, _ in out], dtype=np.float64).reshape(len(contexts), len(classes))
+
+
 def _per_token(logprob: float, num_tokens: int, normalize: bool) -> float:
     return logprob / max(num_tokens, 1) if normalize else logprob
 
@@ -93,10 +114,7 @@ class OutputLayer:
         self.classes = list(classes) if classes else None
         self.max_new_tokens = max_new_tokens
         self.length_normalize = length_normalize
-        # next_token_logprobs sees only a verbalizer's first token: when two verbalizers start
-        # alike ("(A)", "(B)") it cannot tell them apart, so those tasks score whole strings.
-        firsts = [c.lstrip()[:1] for c in self.classes or []]
-        self.class_mode = "next_token" if len(set(firsts)) == len(firsts) else "full_string"
+        self.class_mode = class_scoring_mode(self.classes) if self.classes else None
 
     def render(self, prompt: str, x: str, h: str | None = None) -> str:
         fields = {"prompt": prompt, "input": x}
@@ -110,12 +128,7 @@ class OutputLayer:
 
     def class_logprobs(self, contexts: list[str], cache: CallCache) -> np.ndarray:
         """[N, C] unnormalised log-probabilities of the verbalizers."""
-        if self.class_mode == "next_token":
-            return cache.next_token_logprobs(self.backend, contexts, self.classes)
-        flat_c = [c for c in contexts for _ in self.classes]
-        flat_t = [" " + v for _ in contexts for v in self.classes]
-        out = cache.score(self.backend, flat_c, flat_t)
-        return np.asarray([lp for lp, _ in out], dtype=np.float64).reshape(len(contexts), len(self.classes))
+        return class_logprobs(self.backend, contexts, self.classes, cache)
 
     def class_index(self, targets: list[str]) -> np.ndarray:
         idx = []
