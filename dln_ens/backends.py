@@ -33,9 +33,12 @@ def describe_backend(cfg: Config, name: str) -> dict:
     b = cfg.backends[name]
     info = {"backend": name, "type": b.type}
     if isinstance(b, EnsembleBackend):
-        info.update(members="+".join(b.members), main=b.main, method=b.method, lr=b.lr,
-                    steps=b.steps, matrix="dense" if b.topk is None else f"sparse k={b.topk}",
-                    score_mode=b.score_mode)
+        info.update(members="+".join(b.members), main=b.main, method=b.method, score_mode=b.score_mode)
+        if b.method == "deepen":  # the other methods use neither the inverse search nor matrices
+            info.update(lr=b.lr, steps=b.steps,
+                        matrix="dense" if b.topk is None else f"sparse k={b.topk}")
+        elif b.method == "union":
+            info.update(union_topk=b.union_topk)
     elif isinstance(b, ModBackend):
         info.update(base=b.base, k_last=b.k_last, router=b.router, top_k=b.top_k,
                     head=b.head or "untrained")

@@ -95,6 +95,6 @@ def evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool = True)
 
 
 def eval_table(rows: list[dict]) -> str:
-    cols = ["backend", "type", "method", "lr", "steps", "matrix", "task", "instruction", "n",
+    cols = ["backend", "type", "method", "lr", "steps", "matrix", "union_topk", "task", "instruction", "n",
             "accuracy", "seconds"]
     return markdown_table(rows, cols)
