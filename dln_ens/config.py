@@ -391,6 +391,10 @@ def _check_references(cfg: Config, ctx: _Ctx, check_paths: bool) -> None:
             if t not in cfg.eval.tasks:
                 raise ctx.error(f"eval.instructions.{t}", f"not one of eval.tasks {cfg.eval.tasks}")
     if cfg.dln is not None:
+        try:
+            check_dln_config(cfg.dln)
+        except ConfigError as e:
+            raise ConfigError(f"{ctx.source}: {e}") from None
         for i, s in enumerate(cfg.dln.systems):
             for part in ("backend", "hidden_backend", "proposer", "posterior"):
                 need(f"dln.systems[{i}].{part}", getattr(s, part) or None)
@@ -398,6 +402,28 @@ def _check_references(cfg: Config, ctx: _Ctx, check_paths: bool) -> None:
                 raise ctx.error(f"dln.systems[{i}].backend", "missing; name the backend that runs the layers")
     if cfg.tune_mod is not None and cfg.tune_mod.backend:
         need("tune_mod.backend", cfg.tune_mod.backend, (ModBackend,))
+
+
+def check_dln_config(d: DLNConfig, where: str = "dln") -> None:
+    """Value checks of a DLN section (also run by `run_dln` for configs built in Python)."""
+    if d.proposal_max_examples is not None and d.proposal_max_examples < 1:
+        raise ConfigError(f"key '{where}.proposal_max_examples': must be at least 1 or null")
+    for key, low in (("iters", 0), ("batch_size", 1), ("num_p_samples", 1), ("num_h_samples", 0),
+                     ("val_freq", 1), ("memory_size", 0), ("hidden_max_new_tokens", 1),
+                     ("output_max_new_tokens", 1), ("proposal_max_new_tokens", 1)):
+        if getattr(d, key) < low:
+            raise ConfigError(f"key '{where}.{key}': must be at least {low}, got {getattr(d, key)}")
+    if d.posterior_temp <= 0:
+        raise ConfigError(f"key '{where}.posterior_temp': must be > 0")
+    for key in ("trust_factor", "logp_penalty", "proposal_temperature", "h_temperature"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"key '{where}.{key}': must be >= 0")
+    if not d.systems:
+        raise ConfigError(f"key '{where}.systems': empty; add e.g. {{\"name\": \"dln1\", \"layers\": 1, "
+                          f"\"backend\": \"<backend name>\"}}")
+    names = [s.name for s in d.systems]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"key '{where}.systems': system names must be unique, got {names}")
 
 
 def check_model_dir(path: str, where: str) -> None:

@@ -56,6 +56,9 @@ def test_valid_config_resolves_types_and_defaults(tmp_path):
     (lambda c: c.update(evaluation={}), "evaluation", "unknown key"),
     (lambda c: c["backends"].update(m={"type": "mod", "base": "ens"}), "backends.m.base", "it must be one of: hf"),
     (lambda c: c["backends"].update(u={"type": "class", "class": "no_colon"}), "backends.u.class", "package.module:ClassName"),
+    (lambda c: c.update(dln={"systems": [{"name": "s", "backend": "a"}], "iters": -1}), "dln.iters", "at least 0"),
+    (lambda c: c.update(dln={"systems": [{"name": "s", "backend": "zz"}]}), "dln.systems[0].backend", "unknown backend"),
+    (lambda c: c.update(dln={"systems": []}), "dln.systems", "empty"),
 ])
 def test_mistakes_name_file_key_and_fix(tmp_path, mutate, key, words):
     conf = base_conf(fake_model_dir(tmp_path))

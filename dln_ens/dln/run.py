@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dln_ens.config import Config, ConfigError, DLNConfig, DLNSystem, config_to_dict
+from dln_ens.config import Config, ConfigError, DLNConfig, DLNSystem, check_dln_config, config_to_dict
 from dln_ens.data.registry import load_task
 from dln_ens.data.task import Task
 from dln_ens.dln.calls import CountingLM, diff_snapshots
@@ -59,27 +59,6 @@ def _safe(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- building
-
-def check_dln_config(d: DLNConfig, where: str = "dln") -> None:
-    if d.proposal_max_examples is not None and d.proposal_max_examples < 1:
-        raise ConfigError(f"key '{where}.proposal_max_examples': must be at least 1 or null")
-    for key, low in (("iters", 0), ("batch_size", 1), ("num_p_samples", 1), ("num_h_samples", 0),
-                     ("val_freq", 1), ("memory_size", 0), ("hidden_max_new_tokens", 1),
-                     ("output_max_new_tokens", 1), ("proposal_max_new_tokens", 1)):
-        if getattr(d, key) < low:
-            raise ConfigError(f"key '{where}.{key}': must be at least {low}, got {getattr(d, key)}")
-    if d.posterior_temp <= 0:
-        raise ConfigError(f"key '{where}.posterior_temp': must be > 0")
-    for key in ("trust_factor", "logp_penalty", "proposal_temperature", "h_temperature"):
-        if getattr(d, key) < 0:
-            raise ConfigError(f"key '{where}.{key}': must be >= 0")
-    if not d.systems:
-        raise ConfigError(f"key '{where}.systems': empty; add e.g. {{\"name\": \"dln1\", \"layers\": 1, "
-                          f"\"backend\": \"<backend name>\"}}")
-    names = [s.name for s in d.systems]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"key '{where}.systems': system names must be unique, got {names}")
-
 
 def build_system(system: DLNSystem, dcfg: DLNConfig, task: Task, get_backend, library: TemplateLibrary):
     """(network, trainer) for one system; each part runs on the backend the system names."""
