@@ -242,24 +242,17 @@ class EnsembleLanguageModel:
                                     num_tokens=len(ids[j]))
         return out
 
-    def _context_text(self, context: str, ctx_ids: list[int]) -> str:
-        """The text the main member's context ids stand for (``split_pairs`` may move trailing
-        whitespace into the target)."""
-        stripped = context.rstrip()
-        if stripped != context and self.main_member.encode(stripped) == ctx_ids:
-            return stripped
-        return context
-
     def score(self, contexts: list[str], targets: list[str]) -> list[Score]:
         """Teacher-forced fused log p(target | context) over the main member's tokenisation of
         the target (`HFLanguageModel.split_pairs`). ``score_mode="exact"``: every member is
         conditioned on exactly the text before each target token, tokenised as in generation.
         ``"fast"``: one forward per member over context + target, read where that member has a
         token boundary at the prefix's end; prefixes without such a boundary are run exactly."""
-        pairs = self.main_member.split_pairs(contexts, targets)
+        split = self.main_member.split_pairs_with_text(contexts, targets)
+        pairs = [(ctx, tgt) for _, ctx, tgt in split]
         out = [Score(0.0, 0)] * len(pairs)
         todo = [i for i, (_, t) in enumerate(pairs) if t]
-        texts = {i: self._context_text(contexts[i], pairs[i][0]) for i in todo}
+        texts = {i: split[i][0] for i in todo}
         if self.score_mode == "fast":
             for i in todo:
                 lp = self._score_fast(texts[i], pairs[i][0], pairs[i][1])

@@ -103,21 +103,28 @@ class HFLanguageModel:
         3. Otherwise target = the target encoded alone without special tokens, after ctx.
         An empty context becomes [BOS] (``nonempty``).
         """
+        return [(ctx, tgt) for _, ctx, tgt in self.split_pairs_with_text(contexts, targets)]
+
+    def split_pairs_with_text(self, contexts: Sequence[str], targets: Sequence[str]
+                              ) -> list[tuple[str, list[int], list[int]]]:
+        """`split_pairs` plus the context text the context ids stand for (rule 2 moves the
+        context's trailing whitespace into the target)."""
         if len(contexts) != len(targets):
             raise ValueError(f"{len(contexts)} contexts but {len(targets)} targets")
         ctxs = self.encode_many(contexts)
         wholes = self.encode_many([c + t for c, t in zip(contexts, targets)])
-        pairs = []
+        out = []
         for context, target, ctx, whole in zip(contexts, targets, ctxs, wholes):
             stripped = context.rstrip()
+            text = context
             if whole[:len(ctx)] == ctx:
                 tgt = whole[len(ctx):]
             elif stripped != context and whole[:len(s := self.encode(stripped))] == s:
-                ctx, tgt = s, whole[len(s):]
+                text, ctx, tgt = stripped, s, whole[len(s):]
             else:
                 tgt = self.tokenizer(target, add_special_tokens=False)["input_ids"]
-            pairs.append((self.nonempty(ctx), tgt))
-        return pairs
+            out.append((text, self.nonempty(ctx), tgt))
+        return out
 
     def check_length(self, n: int, what: str) -> None:
         if self.max_length is not None and n > self.max_length:
