@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from dln_ens.relrep.anchors import Anchors
 from dln_ens.relrep.matrix import RelRepMatrix
 from dln_ens.errors import UserError
-from dln_ens.io import atomic_write, atomic_write_text
+from dln_ens.io import atomic_write, write_json
 
 FORMAT_VERSION = 1
 REBUILD = "rebuild with `sh sh/mat.sh` (or `dln-ens mat --conf <your config>`; add --force to rebuild all)"
@@ -83,10 +83,6 @@ def _diff(old: dict, new: dict) -> str:
 
 # ----------------------------------------------------------------------------- writing
 
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1))
-
-
 def begin_build(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)
@@ -113,7 +109,7 @@ def save_member(out_dir: Path, name: str, R: RelRepMatrix, value_dtype: str = "f
 
 
 def save_anchors(out_dir: Path, anchors: Anchors) -> None:
-    _write_json(out_dir / "anchors.json", anchors.to_json())
+    write_json(out_dir / "anchors.json", anchors.to_json(), indent=1)
 
 
 def finish_build(out_dir: Path, params: dict, fingerprints: dict, num_anchors: int,
@@ -126,7 +122,7 @@ def finish_build(out_dir: Path, params: dict, fingerprints: dict, num_anchors: i
             "num_anchors": num_anchors, "k": params["topk"], "temperature": params["temperature"],
             "build_seconds": seconds, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "fingerprints": fingerprints}
-    _write_json(out_dir / "meta.json", meta)
+    write_json(out_dir / "meta.json", meta, indent=1)
 
 
 # ----------------------------------------------------------------------------- reading
