@@ -1,29 +1,28 @@
-"""Typed, validated configuration (``conf/*.json``).
+"""The config schema (``conf/*.json``) and its checks.
 
 The whole file is checked before any model loads: an unknown key (with a did-you-mean), a wrong
-type, a missing required key, a model path that does not exist or an ensemble naming an unknown
-member fails with a ``ConfigError`` naming the file, the key path and the fix.
-
-JSON with comments: lines whose first non-blank characters are ``//`` are ignored, and so are
-keys named ``"//"`` or starting with ``"_comment"``. Relative paths resolve against the working
-directory the command runs in (the repository root for ``sh/*.sh``).
+type, a missing required key (`confparse`), a model path that does not exist or an ensemble
+naming an unknown member fails with a ``ConfigError`` naming the file, the key path and the fix.
+Each backend type's schema and checks live in its own module (`backend_types`). Relative paths
+resolve against the working directory the command runs in (the repository root for ``sh/*.sh``).
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Union
-from dln_ens.errors import UserError
 
+from dln_ens.backend_types import BACKEND_TYPES, CheckContext
+from dln_ens.backend_types.ensemble import EnsembleBackend
+from dln_ens.backend_types.hf import HFBackend, check_model_dir
+from dln_ens.backend_types.mod import ModBackend
+from dln_ens.backend_types.user_class import ClassBackend
+from dln_ens.confparse import (ConfigError, Ctx, config_to_dict, parse_dataclass, read_json_with_comments,
+                               strip_comments)
 
-class ConfigError(UserError, ValueError):
-    """A configuration problem, with file, key path and how to fix it in the message."""
+__all__ = ["Config", "ConfigError", "ZooConfig", "EvalConfig", "DLNConfig", "DLNSystem", "TuneModConfig",
+           "HFBackend", "ModBackend", "EnsembleBackend", "ClassBackend", "load_config", "parse_config",
+           "config_to_dict", "check_dln_config", "check_model_dir"]
 
 
 # ----------------------------------------------------------------------------- schema
@@ -35,61 +34,7 @@ class ZooConfig:
     seed: int = 0
 
 
-@dataclass
-class HFBackend:
-    """One local transformers model (`HFLanguageModel.from_pretrained`)."""
-    type: Literal["hf"]
-    path: str
-    device: str = "cpu"
-    dtype: str = "auto"
-    device_map: Union[str, dict, None] = None
-    trust_remote_code: bool = False
-    batch_size: int = 16
-
-
-@dataclass
-class ModBackend:
-    """A Mixture-of-Depths member over an `hf` backend (`DepthEnsembleLanguageModel`)."""
-    type: Literal["mod"]
-    base: str                        # name of an `hf` backend in this config
-    head: Union[str, None] = None    # directory written by `dln-ens tune-mod`; None = untrained
-    k_last: int = 2
-    router: Literal["learned", "uniform"] = "learned"
-    top_k: Union[int, None] = None
-
-
-@dataclass
-class EnsembleBackend:
-    """DeePEn-style fusion of members with different vocabularies (`EnsembleLanguageModel`)."""
-    type: Literal["ensemble"]
-    members: list[str]               # names of `hf` / `mod` / `class` backends
-    main: str                        # the member whose vocabulary the fused distribution uses
-    matrices: str                    # directory built by `sh sh/mat.sh`
-    weights: Union[dict[str, float], None] = None   # None = uniform
-    method: Literal["deepen", "main", "union"] = "deepen"
-    lr: float = 0.15
-    steps: int = 5
-    union_topk: int = 10
-    score_mode: Literal["exact", "fast"] = "exact"
-    compute_device: str = "cpu"
-    # matrix build (`dln-ens mat`)
-    temperature: float = 100.0
-    topk: Union[int, None] = 64      # None = dense matrices
-    min_anchors: int = 100
-    num_anchors: Union[int, None] = None   # keep the n most consistent anchors; None = all
-    anchors: Union[str, None] = None       # a fixed anchors.json for controlled comparisons
-
-
-@dataclass
-class ClassBackend:
-    """A user's own `LanguageModel`, named by import path ``package.module:Name``."""
-    type: Literal["class"]
-    class_: str = field(metadata={"key": "class"})
-    kwargs: dict = field(default_factory=dict)
-
-
-Backend = Union[HFBackend, ModBackend, EnsembleBackend, ClassBackend]
-_BACKEND_TYPES = {"hf": HFBackend, "mod": ModBackend, "ensemble": EnsembleBackend, "class": ClassBackend}
+Backend = Any   # an instance of one of the schemas in `backend_types.BACKEND_TYPES`
 
 
 @dataclass
@@ -186,207 +131,59 @@ class Config:
     source: str = field(default="<dict>", metadata={"internal": True})
 
     def ensembles(self) -> dict[str, EnsembleBackend]:
-        return {k: b for k, b in self.backends.items() if isinstance(b, EnsembleBackend)}
+        return {k: b for k, b in self.backends.items() if b.type == "ensemble"}
 
 
 # ----------------------------------------------------------------------------- parsing
 
-def _strip_comments(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _strip_comments(v) for k, v in data.items()
-                if not (k == "//" or k.startswith("_comment"))}
-    if isinstance(data, list):
-        return [_strip_comments(v) for v in data]
-    return data
-
-
-def _key(f: dataclasses.Field) -> str:
-    return f.metadata.get("key", f.name)
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is Literal:
-        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "an object"
-    if origin is not None:
-        return {list: "a list", dict: "an object"}.get(origin, str(tp))
-    return {str: "a string", int: "an integer", float: "a number", bool: "true/false",
-            dict: "an object", list: "a list"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(value: Any, tp: Any, where: str, ctx: "_Ctx") -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where, ctx)
-            except ConfigError as e:
-                errors.append(e)
-        if len([a for a in args if a is not type(None)]) == 1 and errors:
-            raise errors[0]
-        raise ctx.error(where, f"expected {_type_name(tp)}, got {json.dumps(value)[:80]}")
-    if origin is Literal:
-        if value not in typing.get_args(tp) or isinstance(value, bool) != any(
-                isinstance(a, bool) for a in typing.get_args(tp) if a == value):
-            choices = ", ".join(json.dumps(a) for a in typing.get_args(tp))
-            raise ctx.error(where, f"{json.dumps(value)} is not allowed; use one of {choices}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _parse_dataclass(tp, value, where, ctx)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ctx.error(where, f"expected a list, got {json.dumps(value)[:80]}")
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item, f"{where}[{i}]", ctx) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ctx.error(where, f"expected an object, got {json.dumps(value)[:80]}")
-        _, vt = typing.get_args(tp) or (str, Any)
-        return {k: _coerce(v, vt, f"{where}.{k}", ctx) for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp in (str, bool, dict, list):
-        if isinstance(value, tp):
-            return value
-    else:
-        raise TypeError(f"config schema: unsupported type {tp}")
-    raise ctx.error(where, f"expected {_type_name(tp)}, got {json.dumps(value)[:80]}")
-
-
-def _parse_dataclass(cls: type, data: Any, where: str, ctx: "_Ctx") -> Any:
-    if not isinstance(data, dict):
-        raise ctx.error(where, f"expected an object with keys {', '.join(_key(f) for f in _fields(cls))}")
-    hints = typing.get_type_hints(cls)
-    fields = {_key(f): f for f in _fields(cls)}
-    for k in data:
-        if k not in fields:
-            close = difflib.get_close_matches(k, list(fields), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(fields)}"
-            raise ctx.error(f"{where}.{k}" if where else k, f"unknown key; {hint}")
-    kwargs = {}
-    for k, f in fields.items():
-        sub = f"{where}.{k}" if where else k
-        if k in data:
-            kwargs[f.name] = _coerce(data[k], hints[f.name], sub, ctx)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ctx.error(sub, f"missing required key; add \"{k}\": {_type_name(hints[f.name])}")
-    return cls(**kwargs)
-
-
-def _fields(cls):
-    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
-
-
-@dataclass
-class _Ctx:
-    source: str
-
-    def error(self, where: str, msg: str) -> ConfigError:
-        return ConfigError(f"{self.source}: key '{where}': {msg}")
-
-
-def _parse_backends(data: Any, ctx: _Ctx) -> dict[str, Backend]:
+def _parse_backends(data: Any, ctx: Ctx) -> dict[str, Backend]:
     if not isinstance(data, dict) or not data:
         raise ctx.error("backends", "expected a non-empty object {name: backend}")
     out = {}
     for name, b in data.items():
         where = f"backends.{name}"
         if not isinstance(b, dict) or "type" not in b:
-            raise ctx.error(where, "each backend needs \"type\": one of " + ", ".join(_BACKEND_TYPES))
-        cls = _BACKEND_TYPES.get(b["type"])
-        if cls is None:
-            close = difflib.get_close_matches(str(b["type"]), list(_BACKEND_TYPES), n=1)
+            raise ctx.error(where, "each backend needs \"type\": one of " + ", ".join(BACKEND_TYPES))
+        kind = BACKEND_TYPES.get(b["type"])
+        if kind is None:
+            import difflib
+            close = difflib.get_close_matches(str(b["type"]), list(BACKEND_TYPES), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ctx.error(f"{where}.type", f"unknown backend type {b['type']!r}{hint}; use one of "
-                            + ", ".join(_BACKEND_TYPES))
-        out[name] = _parse_dataclass(cls, b, where, ctx)
+                            + ", ".join(BACKEND_TYPES))
+        out[name] = parse_dataclass(kind.schema, b, where, ctx)
     return out
 
 
 def parse_config(data: dict, source: str = "<dict>", check_paths: bool = True) -> Config:
     """Validate a config dict. ``check_paths``: model directories must exist (set False for
     commands that create them, e.g. `dln-ens zoo`)."""
-    ctx = _Ctx(source)
-    data = _strip_comments(data)
+    ctx = Ctx(source)
+    data = strip_comments(data)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a JSON object")
     raw_backends = data.get("backends")
     rest = {k: v for k, v in data.items() if k != "backends"}
     rest["backends"] = {}
-    cfg = _parse_dataclass(Config, rest, "", ctx)
+    cfg = parse_dataclass(Config, rest, "", ctx)
     if raw_backends is None:
         raise ctx.error("backends", "missing required key; add \"backends\": {name: {\"type\": \"hf\", \"path\": ...}}")
     cfg.backends = _parse_backends(raw_backends, ctx)
     cfg.source = source
-    _check_references(cfg, ctx, check_paths)
+    _check_references(cfg, check_context(cfg, check_paths))
     return cfg
 
 
-def _check_references(cfg: Config, ctx: _Ctx, check_paths: bool) -> None:
-    names = list(cfg.backends)
+def check_context(cfg: Config, check_paths: bool = True) -> CheckContext:
+    return CheckContext(cfg.source, cfg.backends, BACKEND_TYPES, check_paths)
 
-    def need(where: str, name: str | None, kinds: tuple = ()) -> None:
-        if name is None:
-            return
-        if name not in cfg.backends:
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ctx.error(where, f"names unknown backend {name!r}; {hint}defined: {', '.join(names)}")
-        if kinds and not isinstance(cfg.backends[name], kinds):
-            raise ctx.error(where, f"backend {name!r} is a {cfg.backends[name].type!r} backend; "
-                            f"it must be one of: {', '.join(t for t, c in _BACKEND_TYPES.items() if c in kinds)}")
 
+def _check_references(cfg: Config, ctx: CheckContext) -> None:
     for name, b in cfg.backends.items():
-        where = f"backends.{name}"
-        if isinstance(b, HFBackend):
-            if check_paths:
-                check_model_dir(b.path, f"{ctx.source}: key '{where}.path'")
-        elif isinstance(b, ModBackend):
-            need(f"{where}.base", b.base, (HFBackend,))
-            if b.k_last < 1:
-                raise ctx.error(f"{where}.k_last", "must be at least 1")
-            if b.top_k is not None and not 1 <= b.top_k <= b.k_last:
-                raise ctx.error(f"{where}.top_k", f"must be between 1 and k_last={b.k_last}, or null")
-            if check_paths and b.head is not None and not Path(b.head).exists():
-                raise ctx.error(f"{where}.head", f"{b.head} does not exist; train it with "
-                                f"`dln-ens tune-mod --conf {ctx.source}` or set \"head\": null")
-        elif isinstance(b, EnsembleBackend):
-            if not b.members:
-                raise ctx.error(f"{where}.members", "an ensemble needs at least one member")
-            for i, m in enumerate(b.members):
-                need(f"{where}.members[{i}]", m, (HFBackend, ModBackend, ClassBackend))
-            if b.main not in b.members:
-                raise ctx.error(f"{where}.main", f"{b.main!r} is not one of the members {b.members}")
-            if b.weights is not None:
-                for m in b.weights:
-                    if m not in b.members:
-                        raise ctx.error(f"{where}.weights.{m}", f"not a member; members: {b.members}")
-            if b.steps < 0 or b.lr < 0:
-                raise ctx.error(where, "lr and steps must be non-negative")
-        elif isinstance(b, ClassBackend):
-            if ":" not in b.class_:
-                raise ctx.error(f"{where}.class", f"{b.class_!r} must look like 'package.module:ClassName'")
+        BACKEND_TYPES[b.type].check(b, name, ctx)
     if cfg.eval is not None:
         for i, n in enumerate(cfg.eval.backends):
-            need(f"eval.backends[{i}]", n)
+            ctx.need(f"eval.backends[{i}]", n)
         for t in cfg.eval.instructions:
             if t not in cfg.eval.tasks:
                 raise ctx.error(f"eval.instructions.{t}", f"not one of eval.tasks {cfg.eval.tasks}")
@@ -397,11 +194,11 @@ def _check_references(cfg: Config, ctx: _Ctx, check_paths: bool) -> None:
             raise ConfigError(f"{ctx.source}: {e}") from None
         for i, s in enumerate(cfg.dln.systems):
             for part in ("backend", "hidden_backend", "proposer", "posterior"):
-                need(f"dln.systems[{i}].{part}", getattr(s, part) or None)
+                ctx.need(f"dln.systems[{i}].{part}", getattr(s, part) or None)
             if not s.backend:
                 raise ctx.error(f"dln.systems[{i}].backend", "missing; name the backend that runs the layers")
     if cfg.tune_mod is not None and cfg.tune_mod.backend:
-        need("tune_mod.backend", cfg.tune_mod.backend, (ModBackend,))
+        ctx.need("tune_mod.backend", cfg.tune_mod.backend, ("mod",))
 
 
 def check_dln_config(d: DLNConfig, where: str = "dln") -> None:
@@ -426,37 +223,6 @@ def check_dln_config(d: DLNConfig, where: str = "dln") -> None:
         raise ConfigError(f"key '{where}.systems': system names must be unique, got {names}")
 
 
-def check_model_dir(path: str, where: str) -> None:
-    """A local model directory must exist and hold a config, weights and a tokenizer."""
-    from dln_ens.lm.checkpoint import MissingModelError, check_model_dir as check
-    try:
-        check(path)
-    except MissingModelError as e:
-        hint = (" Build the zoo with `dln-ens zoo --conf ...` (or `sh sh/mat.sh`), or point the path"
-                " at a local Hugging Face checkpoint.") if not Path(path).exists() else ""
-        raise ConfigError(f"{where}: {e}.{hint}") from None
-
-
 def load_config(path: str | os.PathLike, check_paths: bool = True) -> Config:
     path = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist (try conf/default.json)") from None
-    lines = ["" if ln.lstrip().startswith("//") else ln for ln in text.splitlines()]
-    try:
-        data = json.loads("\n".join(lines))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-    return parse_config(data, source=path, check_paths=check_paths)
-
-
-def config_to_dict(cfg: Any) -> Any:
-    """The resolved config as plain JSON data (written into each run directory)."""
-    if dataclasses.is_dataclass(cfg):
-        return {_key(f): config_to_dict(getattr(cfg, f.name)) for f in _fields(cfg)}
-    if isinstance(cfg, dict):
-        return {k: config_to_dict(v) for k, v in cfg.items()}
-    if isinstance(cfg, list):
-        return [config_to_dict(v) for v in cfg]
-    return cfg
+    return parse_config(read_json_with_comments(path), source=path, check_paths=check_paths)

@@ -95,6 +95,8 @@ def evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool = True)
 
 
 def eval_table(rows: list[dict]) -> str:
-    cols = ["backend", "type", "method", "lr", "steps", "matrix", "union_topk", "task", "instruction", "n",
-            "accuracy", "seconds"]
+    """Backend, fusion method and every fusion setting some row has, task, accuracy."""
+    from dln_ens.fusion.registry import setting_names
+    cols = ["backend", "type", "method", *setting_names(), "matrix", "task", "instruction", "n", "accuracy",
+            "seconds"]
     return markdown_table(rows, cols)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dln_ens.backends import BackendPool
+from dln_ens.backends import BackendPool, describe_backend
 from dln_ens.config import ConfigError, config_to_dict, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,11 @@ def base_conf(model: Path) -> dict:
 def test_valid_config_resolves_types_and_defaults(tmp_path):
     cfg = load_config(write(tmp_path, base_conf(fake_model_dir(tmp_path))))
     ens = cfg.backends["ens"]
-    assert (ens.method, ens.lr, ens.steps, ens.topk, ens.temperature) == ("deepen", 0.15, 5, 64, 100.0)
+    assert (ens.method, ens.fusion, ens.topk, ens.temperature) == ("deepen", {}, 64, 100.0)
+    assert describe_backend(cfg, "ens") | {} == {
+        "backend": "ens", "type": "ensemble", "members": "a+b", "main": "a", "method": "deepen",
+        "score_mode": "exact", "weights": "uniform", "lr": 0.15, "steps": 5, "tail_mass": 1e-4,
+        "max_support": 256, "matrix": "sparse k=64"}
     assert cfg.eval.backends == ["a", "ens"]
     # the resolved config is plain JSON and parses back to the same thing
     again = parse_config(json.loads(json.dumps(config_to_dict(cfg))), check_paths=False)
@@ -45,8 +49,15 @@ def test_valid_config_resolves_types_and_defaults(tmp_path):
 
 @pytest.mark.parametrize("mutate, key, words", [
     (lambda c: c["backends"]["a"].update(pth="x"), "backends.a.pth", "did you mean 'path'"),
-    (lambda c: c["backends"]["ens"].update(lr="fast"), "backends.ens.lr", "expected a number"),
-    (lambda c: c["backends"]["ens"].update(steps=2.5), "backends.ens.steps", "expected an integer"),
+    (lambda c: c["backends"]["ens"].update(fusion={"lr": "fast"}), "backends.ens.fusion.lr", "expected a number"),
+    (lambda c: c["backends"]["ens"].update(fusion={"steps": 2.5}), "backends.ens.fusion.steps", "expected an integer"),
+    (lambda c: c["backends"]["ens"].update(fusion={"lr": float("nan")}), "backends.ens.fusion.lr", "finite"),
+    (lambda c: c["backends"]["ens"].update(fusion={"lr": -1}), "backends.ens.fusion.lr", ">= 0"),
+    (lambda c: c["backends"]["ens"].update(fusion={"topk": 3}), "backends.ens.fusion.topk", "unknown key"),
+    (lambda c: c["backends"]["ens"].update(method="union", fusion={"topk": 0}), "backends.ens.fusion.topk", ">= 1"),
+    (lambda c: c["backends"]["ens"].update(weights={"a": 1.0, "b": float("inf")}), "backends.ens.weights", "finite"),
+    (lambda c: c["backends"]["ens"].update(weights={"a": 0.0, "b": 0.0}), "backends.ens.weights", "positive sum"),
+    (lambda c: c["backends"]["ens"].update(members=["a", "ens"]), "backends.ens.members[1]", "cannot be an ensemble member"),
     (lambda c: c["backends"]["ens"].update(method="mean"), "backends.ens.method", "deepen"),
     (lambda c: c["backends"]["ens"].update(members=["a", "c"]), "backends.ens.members[1]", "unknown backend 'c'"),
     (lambda c: c["backends"]["ens"].update(main="z"), "backends.ens.main", "not one of the members"),
@@ -133,3 +144,16 @@ def test_user_class_backend_by_import_path():
 @pytest.mark.parametrize("conf", sorted((REPO / "conf").glob("*.json")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(conf):
     load_config(conf, check_paths=False)
+
+
+def test_a_protocol_only_class_cannot_be_an_ensemble_member(tmp_path):
+    """The member contract (`LocalMember`) is checked before any model loads, naming the
+    backend and what it lacks."""
+    conf = base_conf(fake_model_dir(tmp_path))
+    conf["backends"]["mine"] = {"type": "class", "class": "test_config:ScriptedLM"}
+    conf["backends"]["ens"]["members"] = ["a", "mine"]
+    cfg = parse_config(conf)      # the type may be a member; whether this class can needs its import
+    with pytest.raises(ConfigError) as e:
+        BackendPool(cfg)
+    msg = str(e.value)
+    assert "backends.ens.members[1]" in msg and "'mine'" in msg and "last_logits" in msg, msg

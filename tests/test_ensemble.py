@@ -211,8 +211,37 @@ def test_union_and_main_methods_generate(members, matdir):
     main_only = EnsembleLanguageModel(members, main="bpe", method="main").generate(PROMPTS[:2], max_new_tokens=6)
     lr0 = EnsembleLanguageModel(members, main="bpe", matrices=matdir, lr=0.0).generate(PROMPTS[:2], max_new_tokens=6)
     assert [g.text for g in main_only] == [g.text for g in lr0]
-    union = EnsembleLanguageModel(members, main="bpe", method="union", union_topk=5)
+    union = EnsembleLanguageModel(members, main="bpe", method="union", topk=5)
     gens = union.generate(PROMPTS[:2], max_new_tokens=6, stop=["\n"])
     dist = union.next_token_distribution(PROMPTS[:2])
     assert torch.allclose(dist.exp().sum(-1), torch.ones(2), atol=1e-4)
     assert all(g.num_tokens >= 1 for g in gens)
+
+
+def test_members_that_cannot_change_the_result_are_not_run(members, matdir, monkeypatch):
+    """Method ``main`` and ``lr=0`` read only the main member: no other member runs a forward."""
+    calls = {n: 0 for n in members}
+    for n, m in members.items():
+        orig = m.last_logits
+
+        def counted(*a, _n=n, _orig=orig, **k):
+            calls[_n] += 1
+            return _orig(*a, **k)
+        monkeypatch.setattr(m, "last_logits", counted)
+    for ens in (EnsembleLanguageModel(members, main="bpe", method="main"),
+                EnsembleLanguageModel(members, main="bpe", matrices=matdir, lr=0.0)):
+        ens.generate(PROMPTS[:2], max_new_tokens=4)
+        ens.score(PROMPTS[:2], [" a b", " c"])
+    assert calls["bpe"] > 0 and all(calls[n] == 0 for n in members if n != "bpe"), calls
+    EnsembleLanguageModel(members, main="bpe", matrices=matdir).generate(PROMPTS[:1], max_new_tokens=2)
+    assert all(calls[n] > 0 for n in members), calls
+
+
+def test_settings_are_refused_in_the_python_api_as_in_the_config(members, matdir):
+    from dln_ens.fusion.base import SettingsError
+    for bad, words in (({"lr": float("nan")}, "finite"), ({"steps": -1}, ">= 0"), ({"tail_mass": 1.0}, "< 1"),
+                       ({"lr_": 0.1}, "did you mean 'lr'"), ({"weights": {"bpe": 0.0, "sp": 0.0}}, "positive sum")):
+        with pytest.raises(SettingsError, match=words):
+            EnsembleLanguageModel({"bpe": members["bpe"], "sp": members["sp"]}, main="bpe", matrices=matdir, **bad)
+    with pytest.raises(SettingsError, match="unknown fusion method 'mean'"):
+        EnsembleLanguageModel(members, main="bpe", method="mean")

@@ -4,7 +4,8 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from dln_ens.fusion.inverse import deepen_inverse
-from dln_ens.fusion.methods import Fusion
+from dln_ens.fusion.base import Vocab
+from dln_ens.fusion.registry import make_fusion
 from dln_ens.fusion.relative import to_relative, top_mass_support
 from dln_ens.relrep.matrix import RelRepMatrix, dense_to_sparse
 
@@ -54,7 +55,7 @@ def setup(V=(300, 200, 250), A=60, B=4):
 def test_dense_step_equals_reference_loop_per_sequence():
     names, dense, logits = setup()
     mats = {n: RelRepMatrix(dense[n].shape[1], dense=dense[n]) for n in names}
-    fuse = Fusion("deepen", names, "a", matrices=mats, lr=0.15, steps=5, tail_mass=0.0)
+    fuse = make_fusion("deepen", names, "a", matrices=mats, lr=0.15, steps=5, tail_mass=0.0)
     got = fuse(logits)
     want = reference_step(logits, dense, "a", {n: 1 / 3 for n in names}, 0.15, 5)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
@@ -64,7 +65,7 @@ def test_dense_step_equals_reference_loop_per_sequence():
 def test_batch_composition_does_not_change_a_row():
     names, dense, logits = setup(B=5)
     mats = {n: RelRepMatrix(dense[n].shape[1], dense=dense[n]) for n in names}
-    fuse = Fusion("deepen", names, "a", matrices=mats, tail_mass=0.0, weights={"a": 0.5, "b": 0.3, "c": 0.2})
+    fuse = make_fusion("deepen", names, "a", matrices=mats, tail_mass=0.0, weights={"a": 0.5, "b": 0.3, "c": 0.2})
     batch = fuse(logits)
     # float32 rounding differs between batched and single-row products; Adam's normalised steps
     # turn it into differences of a few 1e-6 (the reference loop itself shows the same)
@@ -82,7 +83,7 @@ def test_sparse_matrices_match_their_dense_form():
     assert torch.allclose(as_dense["a"].sum(-1), torch.ones(300), atol=1e-5)
     p = torch.softmax(logits["b"], -1)
     assert torch.allclose(to_relative(p, sparse["b"]), p @ as_dense["b"], atol=1e-6)
-    got = Fusion("deepen", names, "a", matrices=sparse, tail_mass=0.0)(logits)
+    got = make_fusion("deepen", names, "a", matrices=sparse, tail_mass=0.0)(logits)
     want = reference_step(logits, as_dense, "a", {n: 1 / 3 for n in names}, 0.15, 5)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
 
@@ -91,8 +92,8 @@ def test_support_restriction_is_close_to_exact():
     names, dense, logits = setup(V=(3000, 2000, 2500), A=200, B=6)
     logits = {n: x * 2.5 for n, x in logits.items()}   # peaked, as trained LMs are
     sparse = {n: dense_to_sparse(dense[n], 16) for n in names}
-    exact = Fusion("deepen", names, "a", matrices=sparse, tail_mass=0.0)(logits)
-    fast = Fusion("deepen", names, "a", matrices=sparse, tail_mass=1e-6)(logits)
+    exact = make_fusion("deepen", names, "a", matrices=sparse, tail_mass=0.0)(logits)
+    fast = make_fusion("deepen", names, "a", matrices=sparse, tail_mass=1e-6)(logits)
     assert torch.equal(exact.argmax(-1), fast.argmax(-1))
     kl = (exact.exp() * (exact - fast)).sum(-1)
     assert kl.max() < 1e-4
@@ -118,8 +119,8 @@ def test_lr_zero_and_main_method_are_the_main_member():
     names, dense, logits = setup()
     mats = {n: RelRepMatrix(dense[n].shape[1], dense=dense[n]) for n in names}
     want = torch.log_softmax(logits["a"], -1)
-    assert torch.equal(Fusion("deepen", names, "a", matrices=mats, lr=0.0)(logits), want)
-    assert torch.equal(Fusion("main", names, "a")(logits), want)
+    assert torch.equal(make_fusion("deepen", names, "a", matrices=mats, lr=0.0)(logits), want)
+    assert torch.equal(make_fusion("main", names, "a")(logits), want)
     assert torch.equal(deepen_inverse(logits["a"], torch.rand(4, 60), mats["a"], lr=0.0), want)
 
 
@@ -129,8 +130,8 @@ def test_union_against_a_loop():
                 "b": [bytes([65 + (i * 7) % 50]) for i in range(V)]}     # b has surfaces a lacks
     tokens = {n: [s.decode() for s in surf] for n, surf in surfaces.items()}
     logits = {"a": peaked_logits(3, V, 2.0, 3), "b": peaked_logits(3, V, 2.0, 4)}
-    fuse = Fusion("union", ["a", "b"], "a", surfaces=surfaces, tokens=tokens, union_topk=5,
-                  weights={"a": 0.6, "b": 0.4})
+    vocab = {n: Vocab(surfaces[n], tokens[n]) for n in surfaces}
+    fuse = make_fusion("union", ["a", "b"], "a", vocab=vocab, topk=5, weights={"a": 0.6, "b": 0.4})
     got = fuse(logits)
     for r in range(3):
         pa, pb = torch.softmax(logits["a"][r], -1), torch.softmax(logits["b"][r], -1)

@@ -122,10 +122,10 @@ def reference_loop(members, main, dense, prompt: str, new_tokens: int, lr=0.15, 
     """DeePEn's published loop (batch 1): every member on the whole re-tokenised text each
     step, no cache, dense matrices, exact inverse."""
     from dln_ens.ensemble.align import visible_text
-    from dln_ens.fusion.methods import Fusion
+    from dln_ens.fusion.registry import make_fusion
     from dln_ens.relrep.vocab import token_surfaces
 
-    fuse = Fusion("deepen", list(members), main, matrices=dense, lr=lr, steps=steps, tail_mass=0.0)
+    fuse = make_fusion("deepen", list(members), main, matrices=dense, lr=lr, steps=steps, tail_mass=0.0)
     m = members[main]
     surf = token_surfaces(m.tokenizer)
     text, ids = prompt.encode(), m.encode(prompt)
@@ -157,6 +157,9 @@ class Compare:
             self.kl[k] += float((a.exp() * (a - b)).sum(-1).sum())
         self.n += a.shape[0]
         return a
+
+    def active(self):
+        return self.exact.active()
 
     def results(self):
         return {k: (self.agree[k] / self.n, self.kl[k] / self.n) for k in self.variants}
@@ -226,7 +229,7 @@ def main(argv=None):
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}", flush=True)
 
     from dln_ens.ensemble.model import EnsembleLanguageModel
-    from dln_ens.fusion.methods import Fusion
+    from dln_ens.fusion.registry import make_fusion
 
     torch.set_grad_enabled(False)
     members = make_members(args.tokenizers, args.width, args.layers, args.head_scale, args.seed)
@@ -280,7 +283,7 @@ def main(argv=None):
                   f"{res['reference-style loop (dense)'] / res['ensemble sparse']:9.1f} x")
 
     if ens_dense is not None:
-        exact = Fusion("deepen", list(members), main_name, matrices=dense, tail_mass=0.0)
+        exact = make_fusion("deepen", list(members), main_name, matrices=dense, tail_mass=0.0)
         variants = {"sparse k=64 (default fusion)": ens_sparse_sub.fusion, "dense (default fusion)": ens_dense.fusion}
         cmp = Compare(exact, variants)
         runner = EnsembleLanguageModel(members, main_name, dense, **kw)
@@ -292,8 +295,8 @@ def main(argv=None):
             print(f"  {label:32s} argmax agreement {agree:.4f}   mean KL(exact || it) {kl:.2e}")
     if not args.skip_dense:
         lazy = lazy_dense(members, args.workdir / "sparse")
-        ref = Fusion("deepen", list(members), main_name, matrices=lazy, tail_mass=ens_sparse.fusion.tail_mass,
-                     max_support=ens_sparse.fusion.max_support)
+        ref = make_fusion("deepen", list(members), main_name, matrices=lazy, tail_mass=ens_sparse.fusion.settings.tail_mass,
+                          max_support=ens_sparse.fusion.settings.max_support)
         cmp = Compare(ref, {"sparse k=64 (default fusion)": ens_sparse.fusion})
         runner = EnsembleLanguageModel(members, main_name, sparse, **kw)
         runner.fusion = cmp

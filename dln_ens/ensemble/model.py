@@ -28,6 +28,7 @@ differently); stop strings are searched in that text.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -35,14 +36,15 @@ import numpy as np
 import torch
 
 from dln_ens.ensemble.align import TokenTrack, final_text, visible_text
-from dln_ens.fusion.methods import Fusion, needs_matrices
-from dln_ens.lm.base import Generation, Score
+from dln_ens.ensemble.options import EnsembleOptions
+from dln_ens.fusion.base import Vocab
+from dln_ens.fusion.registry import fusion_class, fusion_settings, make_fusion
+from dln_ens.lm.base import Generation, Score, missing_member_parts
 from dln_ens.lm.batching import chunks, pad, positions
 from dln_ens.lm.hf import candidate_logprobs, check_candidates, pick_tokens, sampling_seeds
 from dln_ens.lm.stopping import cut_at_stop, first_stop
 from dln_ens.relrep.vocab import token_surfaces
 
-SCORE_MODES = ("exact", "fast")
 
 
 class _Lane:
@@ -91,47 +93,66 @@ class _Lane:
 
 
 class EnsembleLanguageModel:
-    """DeePEn-style fusion of local members (name -> HFLanguageModel-like) over ``main``'s vocabulary.
+    """DeePEn-style fusion of local members (name -> `LocalMember`) over ``main``'s vocabulary.
 
     matrices: directory built by ``sh sh/mat.sh`` (fingerprints checked) or a preloaded
-    {name: RelRepMatrix}. tail_mass / max_support: restrict the relative-space work to each
-    distribution's top tokens holding 1 - tail_mass of the mass (`fusion.relative`); 0 = exact.
+    {name: RelRepMatrix}; read only by methods that need them. Keyword arguments are the
+    `EnsembleOptions`, and any other keyword is a setting of the fusion method (``lr``,
+    ``steps``, ``tail_mass``... see `fusion.registry`). Members the method does not read (all
+    but the main one for ``main`` or ``lr=0``) are never run.
     """
 
     def __init__(self, members: dict, main: str, matrices=None, weights: dict[str, float] | None = None,
-                 method: str = "deepen", lr: float = 0.15, steps: int = 5, union_topk: int = 10,
-                 score_mode: str = "exact", compute_device: str = "cpu", name: str | None = None,
-                 tail_mass: float = 1e-4, max_support: int = 256, batch_size: int | None = None,
-                 window: int = 4, verify_alignment: bool = False):
+                 method: str = "deepen", *, name: str | None = None, options: EnsembleOptions | None = None,
+                 **kwargs):
+        option_keys = {f.name for f in dataclasses.fields(EnsembleOptions)}
+        opts = {k: v for k, v in kwargs.items() if k in option_keys}
+        fusion = {k: v for k, v in kwargs.items() if k not in option_keys}
+        if options is None:
+            options = EnsembleOptions(method=method, weights=weights, **opts,
+                                      fusion={**opts.pop("fusion", {}), **fusion})
+        elif kwargs or weights is not None or method != "deepen":
+            raise ValueError("EnsembleLanguageModel: give either options=EnsembleOptions(...) or keyword "
+                             "settings, not both")
         if not members:
             raise ValueError("EnsembleLanguageModel: no members")
         if main not in members:
             raise ValueError(f"main member {main!r} is not among the members {list(members)}")
-        if score_mode not in SCORE_MODES:
-            raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
+        options.check(list(members))
+        for n, m in members.items():
+            missing = missing_member_parts(m)
+            if missing:
+                raise ValueError(f"ensemble member {n!r} ({type(m).__name__}) cannot be fused: it lacks "
+                                 f"{', '.join(missing)} (see `dln_ens.lm.base.LocalMember`); use a local "
+                                 f"hf/mod backend, or implement them")
+        self.options = options
         self.members, self.main, self.names = dict(members), main, list(members)
-        self.others = [n for n in self.names if n != main]
         self.name = name or "ensemble(" + "+".join(self.names) + ")"
-        self.score_mode, self.window, self.verify_alignment = score_mode, window, verify_alignment
-        self.batch_size = batch_size or getattr(members[main], "batch_size", 8)
+        self.score_mode, self.window, self.verify_alignment = options.score_mode, options.window, options.verify_alignment
         self.main_member = members[main]
+        self.batch_size = options.batch_size or getattr(self.main_member, "batch_size", 8)
         self.vocab_size = self.main_member.vocab_size
-        self.eos_token_id = self.main_member.eos_token_id
         self.stop_ids = set(self.main_member.stop_token_ids)   # EOS and generation_config's ids
         self.surfaces = token_surfaces(self.main_member.tokenizer)
-        mats = None
-        if needs_matrices(method, self.names, lr, steps):
-            mats = self._load_matrices(matrices)
-        surf = toks = None
-        if method == "union":
-            surf = {n: token_surfaces(m.tokenizer) for n, m in members.items()}
-            toks = {n: m.tokenizer.convert_ids_to_tokens(list(range(len(surf[n])))) for n, m in members.items()}
-        self.fusion = Fusion(method, self.names, main, matrices=mats, weights=weights, lr=lr, steps=steps,
-                             union_topk=union_topk, tail_mass=tail_mass, max_support=max_support,
-                             surfaces=surf, tokens=toks, device=compute_device)
+        cls = fusion_class(options.method)
+        settings = fusion_settings(options.method, options.fusion, len(self.names))
+        mats = self._load_matrices(matrices) if cls.needs_matrices(settings, len(self.names)) else None
+        self.fusion = make_fusion(options.method, self.names, main, weights=options.weights, matrices=mats,
+                                  vocab=self._vocab, device=options.compute_device, **options.fusion)
         self.compute_device = self.fusion.device
 
+    @property
+    def others(self) -> list[str]:
+        """The non-main members the fusion reads: only these are run."""
+        return [n for n in self.fusion.active() if n != self.main]
+
+    def _vocab(self, n: str) -> Vocab:
+        tok = self.members[n].tokenizer
+        surf = token_surfaces(tok)
+        return Vocab(surf, tok.convert_ids_to_tokens(list(range(len(surf)))))
+
     def _load_matrices(self, matrices):
+        """{member: RelRepMatrix}, checked against the members."""
         if matrices is None:
             raise ValueError(f"{self.name}: method 'deepen' needs relative-representation matrices "
                              f"(a directory built by `sh sh/mat.sh`, or a dict of RelRepMatrix)")
@@ -151,15 +172,16 @@ class EnsembleLanguageModel:
     # ---- one batch of sequences -------------------------------------------------------------
 
     def _start(self, texts: list[str], main_ids: list[list[int]]):
+        others = self.others
         tracks = {n: [TokenTrack(self.members[n].tokenizer, t, window=self.window, verify=self.verify_alignment,
-                                 name=n) for t in texts] for n in self.others}
-        for n in self.others:
+                                 name=n) for t in texts] for n in others}
+        for n in others:
             for t, tr in zip(texts, tracks[n]):
                 if not tr.ids:
                     raise ValueError(f"member {n!r} encodes the context {t[:40]!r} to no tokens; "
                                      f"give a non-empty context")
         lanes = {self.main: _Lane(self.main_member, main_ids)}
-        for n in self.others:
+        for n in tracks:
             lanes[n] = _Lane(self.members[n], [tr.ids for tr in tracks[n]])
         return tracks, lanes
 
@@ -206,13 +228,13 @@ class EnsembleLanguageModel:
                 live = [i for i, d in enumerate(done) if not d]
                 for lane in lanes.values():
                     lane.select(live)
-                for n in self.others:
+                for n in tracks:
                     tracks[n] = [tracks[n][i] for i in live]
                 tok, rows = [tok[i] for i in live], [rows[i] for i in live]
                 gens = gens and [gens[i] for i in live]
             lanes[self.main].advance([len(s) for s in lanes[self.main].slots], [[x] for x in tok])
-            shown = [visible_text(prompt_bytes[r] + gen[r]) for r in rows] if self.others else []
-            for n in self.others:
+            shown = [visible_text(prompt_bytes[r] + gen[r]) for r in rows] if tracks else []
+            for n in tracks:
                 keep, new = [], []
                 for tr, text in zip(tracks[n], shown):
                     old = len(tr.ids)

@@ -42,3 +42,38 @@ class LanguageModel(Protocol):
         """(len(contexts), len(candidates)) log-probability of each candidate as the next
         piece of text (its first token, with and without a leading space)."""
         ...
+
+
+# What an ensemble member must expose beyond `LanguageModel` (`HFLanguageModel` and
+# `DepthEnsembleLanguageModel` do): its tokenizer and vocabulary, and raw batched forwards that
+# return logits and a KV cache, so the ensemble can step every member on its own cache.
+LOCAL_MEMBER_METHODS = ("encode", "encode_many", "nonempty", "split_pairs_with_text", "forward", "last_logits")
+LOCAL_MEMBER_ATTRIBUTES = ("tokenizer", "vocab_size", "device", "pad_token_id", "stop_token_ids")
+
+
+@runtime_checkable
+class LocalMember(LanguageModel, Protocol):
+    """A local model an `EnsembleLanguageModel` can fuse (see `HFLanguageModel` for the meaning
+    of each part). Checked at config time (`missing_member_parts` on the class) and when an
+    ensemble is built (on the instance)."""
+    tokenizer: object
+    vocab_size: int
+    device: object
+    pad_token_id: int
+    stop_token_ids: list[int]
+
+    def encode(self, text: str) -> list[int]: ...
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]: ...
+    def nonempty(self, ids: list[int]) -> list[int]: ...
+    def split_pairs_with_text(self, contexts: Sequence[str], targets: Sequence[str]) -> list: ...
+    def forward(self, input_ids, attention_mask, past_key_values=None, position_ids=None): ...
+    def last_logits(self, ids, mask, cache, pos): ...
+
+
+def missing_member_parts(obj, attributes: bool = True) -> list[str]:
+    """The `LocalMember` parts ``obj`` (an instance, or a class when ``attributes`` is False)
+    lacks."""
+    missing = [m for m in LOCAL_MEMBER_METHODS if not callable(getattr(obj, m, None))]
+    if attributes:
+        missing += [a for a in LOCAL_MEMBER_ATTRIBUTES if getattr(obj, a, None) is None]
+    return missing

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dln_ens.config import Config, ConfigError, HFBackend, ModBackend, check_model_dir
+from dln_ens.backend_types import BACKEND_TYPES
+from dln_ens.config import Config, ConfigError, check_model_dir
 from dln_ens.relrep.build import MemberStats, build_matrices, build_params
 from dln_ens.relrep.store import staleness
 
@@ -28,11 +29,7 @@ def _hf_name(cfg: Config, member: str) -> str | None:
     """The `hf` backend whose embeddings a member uses (a MoD member shares its base's);
     None for a user class."""
     b = cfg.backends[member]
-    if isinstance(b, ModBackend):
-        return b.base
-    if isinstance(b, HFBackend):
-        return member
-    return None
+    return BACKEND_TYPES[b.type].embeddings(b, member)
 
 
 def _ensure_zoo(cfg: Config, hf_names: set[str]) -> None:
@@ -55,18 +52,20 @@ def build_all(cfg: Config, force: bool = False, progress: bool = True) -> dict[s
         print(f"{cfg.source}: no ensemble backends; no matrices to build")
         return {}
     plan = {}
+    local = set()
     for ens, b in ensembles.items():
         hf = {m: _hf_name(cfg, m) for m in b.members}
         users = [m for m, h in hf.items() if h is None]
-        if users:
-            if b.method == "deepen":
-                raise ConfigError(f"{cfg.source}: ensemble {ens!r} uses method \"deepen\", which needs "
-                                  f"matrices, but member(s) {', '.join(users)} are user classes without "
-                                  f"embeddings; use local hf/mod members or method \"main\"/\"union\"")
-            print(f"{ens}: members {', '.join(users)} are user classes; no matrices (method {b.method!r})")
+        local |= {h for h in hf.values() if h is not None}
+        if not b.uses_matrices():
+            print(f"{ens}: method {b.method!r} with these settings reads no matrices; none built")
             continue
+        if users:
+            raise ConfigError(f"{cfg.source}: ensemble {ens!r} uses method {b.method!r}, which needs "
+                              f"matrices, but member(s) {', '.join(users)} are user classes without "
+                              f"embeddings; use local hf/mod members or another method")
         plan[ens] = hf
-    _ensure_zoo(cfg, {h for hf in plan.values() for h in hf.values()})
+    _ensure_zoo(cfg, local)
     pool = BackendPool(cfg)
     built = {}
     for ens, hf in plan.items():

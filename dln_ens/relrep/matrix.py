@@ -44,12 +44,6 @@ class RelRepMatrix:
             return self.dense
         return sparse_to_dense(self.topk_idx, self.topk_val, self.residual, self.num_anchors)
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Dense rows [len(ids), A] for some token ids."""
-        if self.dense is not None:
-            return self.dense[ids]
-        return sparse_to_dense(self.topk_idx[ids], self.topk_val[ids], self.residual[ids], self.num_anchors)
-
     def truncate(self, k: int) -> "RelRepMatrix":
         """The same matrix with only its k largest entries per row (columns are stored in
         descending order, so this is a slice; the dropped mass joins the residual)."""

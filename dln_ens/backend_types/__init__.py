@@ -1,0 +1,10 @@
+"""Backend types by config ``type``: a new one is one module plus one line here (README "Extending")."""
+from dln_ens.backend_types import ensemble, hf, mod, user_class
+from dln_ens.backend_types.base import BackendType, CheckContext
+
+BACKEND_TYPES: dict[str, BackendType] = {
+    "hf": hf.TYPE,
+    "mod": mod.TYPE,
+    "ensemble": ensemble.TYPE,
+    "class": user_class.TYPE,
+}

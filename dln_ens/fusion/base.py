@@ -1,0 +1,126 @@
+"""The one interface every fusion method implements, and what a method is given.
+
+A method maps the members' next-token logits ``{name: [B, V_m]}`` to fused log-probabilities
+``[B, V_main]`` over the main member's vocabulary (compare transformers' ``LogitsProcessor``:
+one small class per idea, looked up by name in `fusion.registry`). Each method declares its own
+knobs as a frozen ``Settings`` dataclass whose ``check`` refuses values that would give NaN or
+silently change the method, so the config and the Python API reject the same values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+
+from dln_ens.relrep.matrix import RelRepMatrix
+
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """What a method may read of a member's vocabulary: each id's surface bytes and token string."""
+    surfaces: list[bytes | None]
+    tokens: list[str | None]
+
+
+@dataclass
+class FusionSetup:
+    """Everything a method may need besides its settings. ``matrices`` is filled only for
+    methods whose ``needs_matrices`` is true; ``vocab(name)`` computes a member's `Vocab` on demand."""
+    names: list[str]
+    main: str
+    weights: list[float]                       # normalised, in the order of ``names``
+    device: torch.device
+    matrices: dict[str, RelRepMatrix] | None = None
+    vocab: Callable[[str], Vocab] | None = None
+
+
+class SettingsError(ValueError):
+    """A fusion setting out of range; the message names the setting (``key``) and the allowed values."""
+
+    def __init__(self, msg: str, key: str | None = None):
+        super().__init__(msg)
+        self.key = key
+
+
+def check_finite(settings, key: str, low: float | None = None, *, strict: bool = False,
+                 integer: bool = False) -> None:
+    """``settings.key`` must be a finite number (an integer if asked) >= low (> low if strict)."""
+    v = getattr(settings, key)
+    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok_type or not math.isfinite(v):
+        kind = "an integer" if integer else "a finite number"
+        raise SettingsError(f"fusion setting {key!r} must be {kind}, got {v!r}", key)
+    if low is not None and (v <= low if strict else v < low):
+        raise SettingsError(f"fusion setting {key!r} must be {'>' if strict else '>='} {low}, got {v!r}", key)
+
+
+class Fusion:
+    """Base class of fusion methods. Subclasses set ``name`` and ``Settings`` and implement
+    ``__call__``; ``needs_matrices`` / ``needs_vocab`` say what the ensemble must load, and
+    ``active`` which members' logits the method reads (the others are not run at all)."""
+
+    name: ClassVar[str]
+
+    @dataclass(frozen=True)
+    class Settings:
+        def check(self, num_members: int) -> None:
+            pass
+
+    @classmethod
+    def needs_matrices(cls, settings, num_members: int) -> bool:
+        return False
+
+    @classmethod
+    def needs_vocab(cls, settings, num_members: int) -> bool:
+        return False
+
+    def __init__(self, setup: FusionSetup, settings):
+        self.setup, self.settings = setup, settings
+        self.names, self.main, self.weights, self.device = setup.names, setup.main, setup.weights, setup.device
+
+    def active(self) -> list[str]:
+        """Members whose logits this method reads (the main member first)."""
+        return [self.main] + [n for n in self.names if n != self.main]
+
+    def __call__(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Settings as a results table shows them."""
+        return {"method": self.name, **dataclasses.asdict(self.settings)}
+
+
+def normalise_weights(names: list[str], weights: dict[str, float] | None) -> list[float]:
+    if weights is None:
+        return [1.0 / len(names)] * len(names)
+    unknown = set(weights) - set(names)
+    missing = [n for n in names if n not in weights]
+    if unknown or missing:
+        raise SettingsError(f"ensemble weights must name exactly the members {names}: "
+                            f"unknown {sorted(unknown)}, missing {missing}", "weights")
+    w = [weights[n] for n in names]
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0
+           for x in w) or sum(w) <= 0:
+        raise SettingsError(f"ensemble weights must be finite, >= 0 and with a positive sum, got {weights}",
+                            "weights")
+    return [float(x) / sum(w) for x in w]
+
+
+def canonical_ids(surfaces: list[bytes | None], tokens: list[str | None], width: int) -> dict[bytes, int]:
+    """Surface -> the id a tokenizer would use for it: a vocabulary token before a byte-fallback
+    token ``<0xNN>`` with the same bytes, then the lowest id. Ids >= width (no logit) skipped."""
+    out: dict[bytes, int] = {}
+    for i in range(min(len(surfaces), width)):
+        s = surfaces[i]
+        if not s:
+            continue
+        j = out.get(s)
+        if j is None or (_BYTE_TOKEN.match(tokens[j] or "") and not _BYTE_TOKEN.match(tokens[i] or "")):
+            out[s] = i
+    return out

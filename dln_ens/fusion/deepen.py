@@ -1,0 +1,77 @@
+"""``deepen``: DeePEn (Huang et al. 2024). p_m -> r_m = p_m @ R_m -> q = sum_m w_m r_m -> the
+inverse search from the main member's logits (`inverse.deepen_inverse`).
+
+``tail_mass`` > 0 restricts the relative-space work to each row's top tokens holding
+1 - tail_mass of the mass, at most ``max_support`` of them (`relative`); 0 is exact.
+``lr == 0`` or ``steps == 0`` is the main member alone: then no other member is run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dln_ens.fusion.base import Fusion, SettingsError, check_finite
+from dln_ens.fusion.inverse import deepen_inverse
+from dln_ens.fusion.relative import aggregate, to_relative, top_mass_support
+
+
+class DeepenFusion(Fusion):
+    name = "deepen"
+
+    @dataclass(frozen=True)
+    class Settings:
+        lr: float = 0.15
+        steps: int = 5
+        tail_mass: float = 1e-4
+        max_support: int = 256
+
+        def check(self, num_members: int) -> None:
+            check_finite(self, "lr", 0.0)
+            check_finite(self, "steps", 0, integer=True)
+            check_finite(self, "tail_mass", 0.0)
+            check_finite(self, "max_support", 1, integer=True)
+            if self.tail_mass >= 1:
+                raise SettingsError(f"fusion setting 'tail_mass' must be < 1 (0 = exact), got {self.tail_mass}",
+                                    "tail_mass")
+
+    @classmethod
+    def searches(cls, settings, num_members: int) -> bool:
+        return num_members > 1 and settings.lr != 0 and settings.steps != 0
+
+    @classmethod
+    def needs_matrices(cls, settings, num_members: int) -> bool:
+        return cls.searches(settings, num_members)
+
+    def __init__(self, setup, settings):
+        super().__init__(setup, settings)
+        self.search = self.searches(settings, len(self.names))
+        self.matrices = {}
+        if self.search:
+            mats = setup.matrices or {}
+            missing = [n for n in self.names if n not in mats]
+            if missing:
+                raise SettingsError(f"method 'deepen' needs a relative-representation matrix for every member; "
+                                    f"missing {missing}: build them with `sh sh/mat.sh`")
+            self.matrices = {n: mats[n].to(self.device) for n in self.names}
+
+    def active(self) -> list[str]:
+        return super().active() if self.search else [self.main]
+
+    def _support(self, probs):
+        s = self.settings
+        return None if s.tail_mass <= 0 else top_mass_support(probs, s.tail_mass, s.max_support)
+
+    def __call__(self, logits):
+        z = logits[self.main].to(self.device, torch.float32)
+        if not self.search:
+            return torch.log_softmax(z, -1)
+        rels, main_support = [], None
+        for n in self.names:
+            p = torch.softmax(logits[n].to(self.device, torch.float32), -1)
+            support = self._support(p)
+            rels.append(to_relative(p, self.matrices[n], support))
+            if n == self.main:
+                main_support = support
+        q = aggregate(rels, self.weights)
+        return deepen_inverse(z, q, self.matrices[self.main], self.settings.lr, self.settings.steps, main_support)
