@@ -90,22 +90,30 @@ def reference_fuse(logits, dense, main, weights, lr=0.15, steps=5):
     return torch.log_softmax(z.detach()[0], -1)
 
 
-def slow_next(members, main, dense, weights, text: bytes, main_ids, lr=0.15):
+def slow_logits(members, main, text: bytes, main_ids):
+    """Every member's next-token logits, from scratch, on its own tokenisation of the text."""
     logits = {}
     with torch.no_grad():
         for n, m in members.items():
             ids = main_ids if n == main else m.encode(visible(text))
             logits[n] = m.model(torch.tensor([ids])).logits[0, -1].float()
-    return reference_fuse(logits, dense, main, weights, lr)
+    return logits
 
 
-def slow_generate(members, main, dense, prompt, max_new, stop=()):
+def slow_next(members, main, dense, weights, text: bytes, main_ids, lr=0.15):
+    return reference_fuse(slow_logits(members, main, text, main_ids), dense, main, weights, lr)
+
+
+def slow_generate(members, main, dense, prompt, max_new, stop=(), fuse=None):
     weights = {n: 1 / len(members) for n in members}
     m = members[main]
     surf = token_surfaces(m.tokenizer)
     text, ids, logp = prompt.encode(), m.nonempty(m.encode(prompt)), 0.0
     for _ in range(max_new):
-        lp = slow_next(members, main, dense, weights, text, ids)
+        if fuse is None:
+            lp = slow_next(members, main, dense, weights, text, ids)
+        else:
+            lp = fuse(slow_logits(members, main, text, ids))
         tok = int(lp.argmax())
         logp += float(lp[tok])
         if tok in m.stop_token_ids:
@@ -204,7 +212,15 @@ def test_next_token_distribution_and_logprobs(members, matdir):
         want = slow_next(members, "sp", dense, {n: 1 / 3 for n in members}, p.encode(), main.encode(p))
         assert torch.allclose(row, want, atol=1e-4)
     lp = ens.next_token_logprobs(PROMPTS[:2], ["yes", "no"])
-    assert lp.shape == (2, 2) and (lp <= 0).all()
+    for i, p in enumerate(PROMPTS[:2]):       # the first token of " cand" / "cand" after p, max of the two
+        ctx = main.encode(p)
+        for j, cand in enumerate(["yes", "no"]):
+            firsts = []
+            for v in (" " + cand, cand):
+                whole = main.encode(p + v)
+                assert whole[:len(ctx)] == ctx
+                firsts.append(whole[len(ctx)])
+            assert lp[i, j] == pytest.approx(max(float(dist[i, t]) for t in firsts), abs=1e-6)
 
 
 def test_union_and_main_methods_generate(members, matdir):
@@ -212,10 +228,34 @@ def test_union_and_main_methods_generate(members, matdir):
     lr0 = EnsembleLanguageModel(members, main="bpe", matrices=matdir, lr=0.0).generate(PROMPTS[:2], max_new_tokens=6)
     assert [g.text for g in main_only] == [g.text for g in lr0]
     union = EnsembleLanguageModel(members, main="bpe", method="union", topk=5)
-    gens = union.generate(PROMPTS[:2], max_new_tokens=6, stop=["\n"])
-    dist = union.next_token_distribution(PROMPTS[:2])
-    assert torch.allclose(dist.exp().sum(-1), torch.ones(2), atol=1e-4)
-    assert all(g.num_tokens >= 1 for g in gens)
+    gens = union.generate(PROMPTS, max_new_tokens=6)
+    for p, g in zip(PROMPTS, gens):
+        want, logp = slow_generate(members, "bpe", None, p, 6, fuse=lambda lg: slow_union(members, "bpe", lg, 5))
+        assert g.text == want and g.logprob == pytest.approx(logp, abs=1e-4)
+
+
+def slow_union(members, main, logits, k):
+    """Union of top-k by surface bytes, one token at a time with dicts (`fusion.union`'s rule:
+    a surface's id is the tokenizer's own, i.e. a vocabulary token before a byte-fallback one)."""
+    def ids_by_surface(m):
+        surf, toks = token_surfaces(m.tokenizer), m.tokenizer.convert_ids_to_tokens(list(range(m.vocab_size)))
+        out = {}
+        for i in range(min(len(surf), m.vocab_size)):
+            if surf[i] and (surf[i] not in out or (toks[out[surf[i]]].startswith("<0x") and not toks[i].startswith("<0x"))):
+                out[surf[i]] = i
+        return out
+    w = 1 / len(members)
+    probs = {n: torch.softmax(logits[n], -1) for n in members}
+    by_surface = {n: ids_by_surface(m) for n, m in members.items()}
+    main_ids = by_surface[main]
+    union = set()
+    for n, m in members.items():
+        surf = token_surfaces(m.tokenizer)
+        union |= {surf[i] for i in probs[n].topk(k).indices.tolist() if i < len(surf) and surf[i] in main_ids}
+    fused = w * probs[main].clone()
+    for s in union:
+        fused[main_ids[s]] = sum(w * float(probs[n][by_surface[n][s]]) for n in members if s in by_surface[n])
+    return torch.log(fused / fused.sum())
 
 
 def test_members_that_cannot_change_the_result_are_not_run(members, matdir, monkeypatch):

@@ -40,8 +40,9 @@ class UnionFusion(Fusion):
             v = vocabs[n]
             own = canonical_ids(v.surfaces, v.tokens, len(v.surfaces))
             to_main = torch.full((len(v.surfaces),), -1, dtype=torch.long)
-            for s, i in own.items():
-                to_main[i] = main_index.get(s, -1)
+            for i, s in enumerate(v.surfaces):     # every id, byte-fallback duplicates included
+                if s:
+                    to_main[i] = main_index.get(s, -1)
             from_main = torch.full((len(mv.surfaces),), -1, dtype=torch.long)
             for s, j in main_index.items():
                 from_main[j] = own.get(s, -1)

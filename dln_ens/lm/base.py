@@ -11,14 +11,14 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 
 
-@dataclass
+@dataclass(frozen=True)
 class Generation:
     text: str
     logprob: float  # sum of the log-probabilities of the generated tokens
     num_tokens: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class Score:
     logprob: float  # log p(target | context), summed over the target's tokens
     num_tokens: int
