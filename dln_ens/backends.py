@@ -7,7 +7,6 @@ is loaded once. Each backend type's build and describe live in `backend_types`.
 from __future__ import annotations
 
 from dln_ens.backend_types import BACKEND_TYPES
-from dln_ens.backend_types.user_class import import_class  # noqa: F401  (public helper)
 from dln_ens.config import Config, check_context
 from dln_ens.lm.base import LanguageModel
 

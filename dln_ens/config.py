@@ -14,7 +14,7 @@ from typing import Any, Literal, Union
 
 from dln_ens.backend_types import BACKEND_TYPES, CheckContext
 from dln_ens.backend_types.ensemble import EnsembleBackend
-from dln_ens.backend_types.hf import HFBackend, check_model_dir
+from dln_ens.backend_types.hf import HFBackend, require_model_dir
 from dln_ens.backend_types.mod import ModBackend
 from dln_ens.backend_types.user_class import ClassBackend
 from dln_ens.confparse import (ConfigError, Ctx, config_to_dict, parse_dataclass, read_json_with_comments,
@@ -22,7 +22,7 @@ from dln_ens.confparse import (ConfigError, Ctx, config_to_dict, parse_dataclass
 
 __all__ = ["Config", "ConfigError", "ZooConfig", "EvalConfig", "DLNConfig", "DLNSystem", "TuneModConfig",
            "HFBackend", "ModBackend", "EnsembleBackend", "ClassBackend", "load_config", "parse_config",
-           "config_to_dict", "check_dln_config", "check_model_dir"]
+           "config_to_dict", "check_dln_config", "require_model_dir"]
 
 
 # ----------------------------------------------------------------------------- schema

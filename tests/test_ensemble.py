@@ -4,10 +4,9 @@ import random
 
 import pytest
 import torch
-from torch import nn
-from torch.optim import lr_scheduler
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from deepen_reference import reference_fuse
 from dln_ens.ensemble.model import EnsembleLanguageModel
 from dln_ens.lm.hf import HFLanguageModel
 from dln_ens.relrep.build import build_matrices
@@ -71,23 +70,6 @@ def visible(data: bytes) -> str:
         if ok:
             return data[:-k].decode("utf-8", errors="replace")
     return data.decode("utf-8", errors="replace")
-
-
-def reference_fuse(logits, dense, main, weights, lr=0.15, steps=5):
-    """DeePEn's published step for one sequence (dense R, torch AdamW, KLDivLoss, cosine)."""
-    q = sum(w * (torch.softmax(logits[n], -1) @ dense[n]) for n, w in weights.items())
-    z = logits[main].detach().clone()[None].requires_grad_(True)
-    if lr == 0:
-        return torch.log_softmax(z.detach()[0], -1)
-    opt = torch.optim.AdamW([z], lr=lr, betas=(0.9, 0.999))
-    sched = lr_scheduler.CosineAnnealingLR(opt, T_max=10, eta_min=lr / 4)
-    for _ in range(steps):
-        loss = nn.KLDivLoss()(torch.log(torch.softmax(z, -1) @ dense[main]), q[None])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return torch.log_softmax(z.detach()[0], -1)
 
 
 def slow_logits(members, main, text: bytes, main_ids):

@@ -1,8 +1,7 @@
 """Fusion math against straightforward implementations written here (DeePEn's reference loop)."""
 import torch
-from torch import nn
-from torch.optim import lr_scheduler
 
+from deepen_reference import reference_inverse
 from dln_ens.fusion.inverse import deepen_inverse
 from dln_ens.fusion.base import Vocab
 from dln_ens.fusion.registry import make_fusion
@@ -18,22 +17,6 @@ def random_matrix(V, A, temperature=20.0, seed=0):
 def peaked_logits(B, V, scale=8.0, seed=1):
     g = torch.Generator().manual_seed(seed)
     return scale * torch.randn(B, V, generator=g)
-
-
-def reference_inverse(z, q, R, lr, steps):
-    """DeePEn's processor loop for ONE sequence, as published (dense R, batch of 1)."""
-    z = z.detach().clone().float()[None].requires_grad_(True)
-    criterion = nn.KLDivLoss()
-    opt = torch.optim.AdamW(params=[z], lr=lr, betas=(0.9, 0.999))
-    sched = lr_scheduler.CosineAnnealingLR(opt, T_max=10, eta_min=lr / 4)
-    for _ in range(steps):
-        r = torch.mm(nn.functional.softmax(z, dim=-1).float(), R)
-        loss = criterion(torch.log(r), q[None])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return torch.log_softmax(z.detach()[0], -1)
 
 
 def reference_step(logits, dense, main, weights, lr, steps):

@@ -2,6 +2,8 @@
 from dln_ens.backend_types import ensemble, hf, mod, user_class
 from dln_ens.backend_types.base import BackendType, CheckContext
 
+__all__ = ["BACKEND_TYPES", "BackendType", "CheckContext"]
+
 BACKEND_TYPES: dict[str, BackendType] = {
     "hf": hf.TYPE,
     "mod": mod.TYPE,

@@ -20,7 +20,7 @@ class HFBackend:
     batch_size: int = 16
 
 
-def check_model_dir(path: str, where: str) -> None:
+def require_model_dir(path: str, where: str) -> None:
     """A local model directory must exist and hold a config, weights and a tokenizer."""
     from dln_ens.lm.checkpoint import MissingModelError, check_model_dir as check
     try:
@@ -35,7 +35,7 @@ def _check(b: HFBackend, name: str, ctx: CheckContext) -> None:
     if b.batch_size < 1:
         raise ctx.error(f"backends.{name}.batch_size", f"must be at least 1, got {b.batch_size}")
     if ctx.check_paths:
-        check_model_dir(b.path, f"{ctx.source}: key 'backends.{name}.path'")
+        require_model_dir(b.path, f"{ctx.source}: key 'backends.{name}.path'")
 
 
 def _build(b: HFBackend, pool, name: str):

@@ -56,7 +56,7 @@ def _check_record(rec, where: str, required: dict[str, type]) -> dict:
     return rec
 
 
-def read_jsonl(path: Path, required: dict[str, type]) -> list[tuple[int, dict]]:
+def read_jsonl_records(path: Path, required: dict[str, type]) -> list[tuple[int, dict]]:
     """(line number, record) for each non-blank line."""
     out = []
     with open(_need(path), encoding="utf-8") as f:
@@ -289,7 +289,7 @@ def load_ordered_prompt(task: str, root: str = DEFAULT_ROOT, seed: int = 0, num_
     for split, fname in (("train", "train.jsonl"), ("dev", "dev_subsample.jsonl"), ("test", "test.jsonl")):
         path = folder / fname
         examples = []
-        for line, r in read_jsonl(path, {"sentence": str, "label": (str, int)}):
+        for line, r in read_jsonl_records(path, {"sentence": str, "label": (str, int)}):
             label = str(r["label"])
             if label not in mapping:
                 raise DataError(f"{path}:{line}: label {r['label']!r} is not one of {sorted(mapping)}")
@@ -342,7 +342,7 @@ for _name in LEOPARD:
 
 def _qa_examples(path: Path) -> list[Example]:
     out = []
-    for line, r in read_jsonl(path, {"question": str, "answer": (str, list)}):
+    for line, r in read_jsonl_records(path, {"question": str, "answer": (str, list)}):
         answers = r["answer"] if isinstance(r["answer"], list) else [r["answer"]]
         if not answers or not all(isinstance(a, str) for a in answers):
             raise DataError(f"{path}:{line}: 'answer' must be a string or a non-empty list of strings")
@@ -384,7 +384,7 @@ def _mc_examples(path: Path, letters: str) -> tuple[list[Example], int]:
     questions with numbered choices lost them) cannot be asked and are skipped, counted."""
     out, skipped = [], 0
     required = {"question": str, "answer": str, **{L: str for L in letters}}
-    for line, r in read_jsonl(path, required):
+    for line, r in read_jsonl_records(path, required):
         if not any(r[L].strip() for L in letters):
             skipped += 1
             continue
@@ -428,7 +428,7 @@ _GSM_ANSWER = re.compile(r"answer is\s*\$?\s*(-?[\d,]*\.?\d+)")
 
 def _gsm_examples(path: Path) -> list[Example]:
     out = []
-    for line, r in read_jsonl(path, {"question": str, "answer": str}):
+    for line, r in read_jsonl_records(path, {"question": str, "answer": str}):
         found = _GSM_ANSWER.findall(r["answer"])
         if not found:
             raise DataError(f"{path}:{line}: no final 'answer is <number>' in the solution")

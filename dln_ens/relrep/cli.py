@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dln_ens.backend_types import BACKEND_TYPES
-from dln_ens.config import Config, ConfigError, check_model_dir
+from dln_ens.config import Config, ConfigError, require_model_dir
 from dln_ens.relrep.build import MemberStats, build_matrices, build_params
 from dln_ens.relrep.store import staleness
 
@@ -39,7 +39,7 @@ def _ensure_zoo(cfg: Config, hf_names: set[str]) -> None:
         print(f"models missing ({', '.join(missing)}): building the zoo in {cfg.zoo.dir}")
         build_zoo(cfg.zoo)
     for n in sorted(hf_names):
-        check_model_dir(cfg.backends[n].path, f"{cfg.source}: key 'backends.{n}.path'")
+        require_model_dir(cfg.backends[n].path, f"{cfg.source}: key 'backends.{n}.path'")
 
 
 def build_all(cfg: Config, force: bool = False, progress: bool = True) -> dict[str, dict[str, MemberStats]]:
