@@ -217,3 +217,14 @@ def test_tune_mod_with_lora_from_config_and_pool(tokenizer, tmp_path):
         w = hd.router(out.hidden_states[-1]).softmax(-1)
     real = mask.bool()
     torch.testing.assert_close(got[real], (w[..., :1] * z[0] + w[..., 1:] * z[1])[real], rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_init_is_seeded(base):
+    def a_weights(seed):
+        mod = DepthEnsembleLanguageModel(base, k_last=1, router="uniform", lora=LoraSettings(r=2), lora_seed=seed)
+        return torch.cat([p.flatten() for n, p in mod.model.named_parameters() if "lora_A" in n])
+    torch.manual_seed(123)
+    first = a_weights(0)
+    state = torch.random.get_rng_state()
+    assert torch.equal(a_weights(0), first) and not torch.equal(a_weights(1), first)
+    assert torch.equal(torch.random.get_rng_state(), state)    # the caller's random stream is untouched

@@ -22,6 +22,7 @@ import itertools
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load as load_bytes, save
 from torch import nn
 
@@ -69,12 +70,14 @@ def peft_config(settings, access: DepthAccess, k_last: int):
         fan_in_fan_out=access.spec.lora_fan_in_fan_out)
 
 
-def attach(model: nn.Module, config):
-    """A peft model with fresh adapters (B = 0: the same outputs as ``model``) over a
-    weight-sharing copy of ``model``; ``model`` itself is left as it was."""
+def attach(model: nn.Module, config, seed: int = 0):
+    """A peft model with fresh adapters (A drawn with ``seed``, B = 0: the same outputs as
+    ``model``) over a weight-sharing copy of ``model``; ``model`` itself is left as it was."""
     peft = require_peft()
     try:
-        return peft.get_peft_model(shared_weight_copy(model), config)
+        with torch.random.fork_rng(devices=[]):   # repeatable, and the caller's random stream untouched
+            torch.manual_seed(seed)
+            return peft.get_peft_model(shared_weight_copy(model), config)
     except ValueError as e:
         if "target" not in str(e).lower():
             raise

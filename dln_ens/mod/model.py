@@ -69,11 +69,12 @@ class DepthOutput:
 
 
 class DepthEnsembleLanguageModel(HFLanguageModel):
-    """``lora``: `config.LoraSettings` (fresh adapters, B = 0) or a peft ``LoraConfig``; the
-    adapters live in ``self.peft``, a peft model over a weight-sharing copy of ``base.model``."""
+    """``lora``: `config.LoraSettings` or a peft ``LoraConfig`` for fresh adapters (A drawn with
+    ``lora_seed``, B = 0); they live in ``self.peft``, a peft model over a weight-sharing copy of
+    ``base.model``."""
 
     def __init__(self, base: HFLanguageModel, k_last: int, router: Literal["learned", "uniform"] = "learned",
-                 top_k: int | None = None, name: str | None = None, lora=None):
+                 top_k: int | None = None, name: str | None = None, lora=None, lora_seed: int = 0):
         access = depth_access(base.model)
         if not 1 <= k_last <= access.num_layers:
             raise ValueError(f"k_last={k_last} must be between 1 and the number of decoder layers of "
@@ -89,7 +90,7 @@ class DepthEnsembleLanguageModel(HFLanguageModel):
         if lora is not None:
             if not hasattr(lora, "peft_type"):
                 lora = lora_files.peft_config(lora, access, k_last)
-            self.peft = lora_files.attach(base.model, lora)
+            self.peft = lora_files.attach(base.model, lora, lora_seed)
             model, access = self.peft.base_model.model, None
         variant = variant_name(k_last, router, top_k, lora=self.peft is not None)
         super().__init__(model, base.tokenizer, name=name or f"{base.name}+{variant}",

@@ -254,7 +254,8 @@ def tune_mod_from_config(cfg) -> TuneResult:
                                            trust_remote_code=hb.trust_remote_code, name=mb.base,
                                            batch_size=hb.batch_size)
     try:
-        mod = DepthEnsembleLanguageModel(base, mb.k_last, mb.router, mb.top_k, name=name, lora=tm.lora)
+        mod = DepthEnsembleLanguageModel(base, mb.k_last, mb.router, mb.top_k, name=name, lora=tm.lora,
+                                         lora_seed=tm.seed)
     except lora_files.LoraTargetError as e:
         raise ConfigError(f"{cfg.source}: key 'tune_mod.lora.target_modules': {e}") from None
     task = load_task(tm.task)
