@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dln_ens.bench.mod import measure
+from dln_ens.bench.mod import add_common_args, measure, report, zoo_members
 from dln_ens.config import LoraSettings
 from dln_ens.data import load_task
-from dln_ens.io import atomic_write_text, markdown_table
 from dln_ens.lm.hf import HFLanguageModel
 from dln_ens.mod.model import DepthEnsembleLanguageModel
 from dln_ens.mod.tune import tune_mod
@@ -31,32 +30,16 @@ def settings(args) -> list[tuple[str, int, str, bool, bool]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dln_ens.bench mod-lora", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--zoo", default="models/zoo", help="directory of zoo members (dln-ens zoo)")
-    ap.add_argument("--members", default=None, help="comma-separated member names (default: all in --zoo)")
-    ap.add_argument("--tasks", default="facts_qa,navigate")
+    add_common_args(ap)
     ap.add_argument("--k", type=int, default=2, help="k_last of the MoD rows")
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--layers", choices=["all", "late"], default="all", help="LoRA on every layer or the last k")
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--lora-lr", type=float, default=None, help="the adapters' learning rate (default --lr)")
-    ap.add_argument("--lambda-kd", type=float, default=0.1)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--patience", type=int, default=2)
-    ap.add_argument("--num-test", type=int, default=None, help="test examples per task (default: all)")
-    ap.add_argument("--max-new-tokens", type=int, default=12)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="also write the table (Markdown) here")
     args = ap.parse_args(argv)
 
-    zoo = Path(args.zoo)
-    names = args.members.split(",") if args.members else sorted(
-        p.name for p in zoo.iterdir() if (p / "config.json").is_file()) if zoo.is_dir() else []
-    if not names:
-        raise SystemExit(f"no zoo members in {zoo}; build them with `dln-ens zoo --conf conf/default.json`")
+    zoo, names = Path(args.zoo), zoo_members(args)
     lora = LoraSettings(r=args.r, alpha=args.alpha, dropout=args.dropout, layers=args.layers)
     rows = []
     for name in names:
@@ -80,15 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                              "tuning s": round(res.seconds, 1)})
                 print(f"[bench mod-lora] {name} {task_name} {label}: loss {loss:.4f} acc {acc:.3f} "
                       f"({res.num_trainable} params, tuned in {res.seconds:.1f}s)", flush=True)
-    table = markdown_table(rows, ["member", "task", "variant", "trainable", "dev loss (untuned→best)",
-                                  "best epoch", "test loss", "test acc", "tuning s"])
-    header = (f"MoD and LoRA on {zoo} (LoRA r {args.r}, alpha {args.alpha}, dropout {args.dropout}, layers "
-              f"{args.layers}; epochs {args.epochs}, lr {args.lr}, LoRA lr {args.lora_lr or args.lr}, lambda_kd "
-              f"{args.lambda_kd}, batch {args.batch_size}, patience {args.patience}, seed {args.seed}; test split"
-              + (f", first {args.num_test}" if args.num_test else "") + ")\n\n")
-    print("\n" + header + table)
-    if args.out:
-        atomic_write_text(args.out, header + table)
+    report(args, rows, "tuning s", f"MoD and LoRA on {zoo} (LoRA r {args.r}, alpha {args.alpha}, dropout "
+           f"{args.dropout}, layers {args.layers}, LoRA lr {args.lora_lr or args.lr}; ")
     return 0
 
 
