@@ -178,7 +178,7 @@ class TuneModConfig:
     lambda_kd: float = 0.1
     batch_size: int = 16
     patience: int = 2
-    lora: Union[LoraSettings, None] = None         # null = MoD head only (base frozen)
+    lora: Union[LoraSettings, Literal[False], None] = None   # null or false = MoD head only (base frozen)
     train_head: bool = True                        # false (with lora, k_last 1): plain LoRA, head frozen
     seed: int = 0
     loss_on: Literal["target", "all"] = "target"   # answer tokens only, or every token
@@ -247,9 +247,12 @@ def _coerce(value: Any, tp: Any, where: str, ctx: "_Ctx") -> Any:
             try:
                 return _coerce(value, a, where, ctx)
             except ConfigError as e:
-                errors.append(e)
-        if len([a for a in args if a is not type(None)]) == 1 and errors:
-            raise errors[0]
+                errors.append((a, e))
+        if len(errors) == 1:
+            raise errors[0][1]
+        objects = [e for a, e in errors if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(objects) == 1:   # an object: what is wrong inside it
+            raise objects[0]
         raise ctx.error(where, f"expected {_type_name(tp)}, got {json.dumps(value)[:80]}")
     if origin is Literal:
         if value not in typing.get_args(tp) or isinstance(value, bool) != any(
@@ -428,10 +431,10 @@ def check_tune_mod_config(t: TuneModConfig, where: str = "tune_mod") -> None:
             raise ConfigError(f"key '{where}.{key}': must be at least {low}, got {getattr(t, key)}")
     if t.lr <= 0:
         raise ConfigError(f"key '{where}.lr': must be > 0, got {t.lr}")
-    if not t.train_head and t.lora is None:
+    if not t.train_head and not t.lora:
         raise ConfigError(f"key '{where}.train_head': false leaves nothing to train without LoRA; "
                           f"add \"lora\": {{\"r\": 8}} or set \"train_head\": true")
-    if t.lora is not None:
+    if t.lora:
         check_lora_settings(t.lora, f"{where}.lora")
 
 

@@ -172,10 +172,16 @@ def _cfg(tmp_path, lora, **tune):
     ({"lr": 0}, {}, "tune_mod.lora.lr"),
     (True, {}, "tune_mod.lora"),
     (None, {"train_head": False}, "tune_mod.train_head"),
+    (False, {"train_head": False}, "tune_mod.train_head"),
 ])
 def test_bad_lora_settings_name_the_key(tmp_path, lora, tune, key):
     with pytest.raises(ConfigError, match=f"key '{key}'"):
         parse_config(_cfg(tmp_path, lora, **tune), check_paths=False)
+
+
+def test_lora_false_or_null_is_no_lora(tmp_path):
+    for off in (False, None):
+        assert not parse_config(_cfg(tmp_path, off), check_paths=False).tune_mod.lora
 
 
 def test_unknown_target_module_names_the_key(tokenizer, tmp_path):

@@ -20,6 +20,7 @@ import copy
 import hashlib
 import itertools
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,8 +76,10 @@ def attach(model: nn.Module, config, seed: int = 0):
     ``model``) over a weight-sharing copy of ``model``; ``model`` itself is left as it was."""
     peft = require_peft()
     try:
-        with torch.random.fork_rng(devices=[]):   # repeatable, and the caller's random stream untouched
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            torch.manual_seed(seed)   # repeatable, and the caller's random stream untouched
+            # peft asks transformers >= 5 a deprecated question; nothing for our users to act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             return peft.get_peft_model(shared_weight_copy(model), config)
     except ValueError as e:
         if "target" not in str(e).lower():

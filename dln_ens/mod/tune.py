@@ -243,9 +243,10 @@ def tune_mod_from_config(cfg) -> TuneResult:
                           f"(mod backends here: {', '.join(mods) or 'none'})")
     mb: ModBackend = cfg.backends[name]
     hb: HFBackend = cfg.backends[mb.base]
-    if tm.lora is not None:
+    lora = tm.lora or None
+    if lora is not None:
         lora_files.require_peft()
-    default_dir = default_head_dir(hb.path, mb.k_last, mb.router, mb.top_k, lora=tm.lora is not None)
+    default_dir = default_head_dir(hb.path, mb.k_last, mb.router, mb.top_k, lora=lora is not None)
     out_dir = Path(mb.head) if mb.head else default_dir
     if out_dir.resolve() == Path(hb.path).resolve():
         raise ConfigError(f"{cfg.source}: key 'backends.{name}.head' points at the base model directory "
@@ -254,7 +255,7 @@ def tune_mod_from_config(cfg) -> TuneResult:
                                            trust_remote_code=hb.trust_remote_code, name=mb.base,
                                            batch_size=hb.batch_size)
     try:
-        mod = DepthEnsembleLanguageModel(base, mb.k_last, mb.router, mb.top_k, name=name, lora=tm.lora,
+        mod = DepthEnsembleLanguageModel(base, mb.k_last, mb.router, mb.top_k, name=name, lora=lora,
                                          lora_seed=tm.seed)
     except lora_files.LoraTargetError as e:
         raise ConfigError(f"{cfg.source}: key 'tune_mod.lora.target_modules': {e}") from None
@@ -262,8 +263,8 @@ def tune_mod_from_config(cfg) -> TuneResult:
     result = tune_mod(mod, task, out_dir=out_dir, epochs=tm.epochs, lr=tm.lr, lambda_kd=tm.lambda_kd,
                       batch_size=tm.batch_size, patience=tm.patience, seed=tm.seed, loss_on=tm.loss_on,
                       max_train_examples=tm.max_train_examples, max_dev_examples=tm.max_dev_examples,
-                      train_head=tm.train_head, lora_lr=tm.lora.lr if tm.lora else None)
-    what = "head" + (" + LoRA adapter" if tm.lora else "")
+                      train_head=tm.train_head, lora_lr=lora.lr if lora else None)
+    what = "head" + (" + LoRA adapter" if lora else "")
     print(f"[tune-mod] {name}: dev loss {result.initial_dev_loss:.4f} -> {result.best_dev_loss:.4f} "
           f"(epoch {result.best_epoch}, {result.num_trainable} trainable parameters); {what} saved to {result.head_dir}")
     if mb.head is None:
