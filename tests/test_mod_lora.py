@@ -234,3 +234,19 @@ def test_adapter_init_is_seeded(base):
     state = torch.random.get_rng_state()
     assert torch.equal(a_weights(0), first) and not torch.equal(a_weights(1), first)
     assert torch.equal(torch.random.get_rng_state(), state)    # the caller's random stream is untouched
+
+
+def test_lora_member_in_an_ensemble_next_to_its_base(base):
+    """The LoRA member and its own (shared, plain) base in one ensemble: each keeps its outputs."""
+    from dln_ens.ensemble.model import EnsembleLanguageModel
+    mod = DepthEnsembleLanguageModel(base, k_last=2, lora=LoraSettings(r=4))
+    _randomize_adapters(mod)
+    for main, alone in (("m", mod), ("b", base)):
+        ens = EnsembleLanguageModel({"m": mod, "b": base}, main=main, method="main")
+        torch.testing.assert_close(ens.next_token_distribution(TEXTS), alone.next_token_distribution(TEXTS))
+        assert [g.text for g in ens.generate(TEXTS, max_new_tokens=4)] == \
+            [g.text for g in alone.generate(TEXTS, max_new_tokens=4)]
+    with torch.no_grad():
+        want = torch.log_softmax(base.model(**base.tokenizer(TEXTS[:1], return_tensors="pt")).logits[0, -1].float(), -1)
+    torch.testing.assert_close(base.next_token_distribution(TEXTS[:1])[0], want, rtol=1e-5, atol=1e-5)
+    assert (mod.next_token_distribution(TEXTS[:1])[0] - want).abs().max() > 1e-2
