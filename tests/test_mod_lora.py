@@ -184,6 +184,14 @@ def test_unknown_target_module_names_the_key(tokenizer, tmp_path):
         tune_mod_from_config(cfg)
 
 
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_lora_on_embeddings_or_lm_head_is_refused(tokenizer, tmp_path, target):
+    base = _build("llama", tokenizer, tmp_path / "llama")
+    with pytest.raises(lora_files.LoraTargetError, match="embeddings or the LM head"):
+        DepthEnsembleLanguageModel(base, k_last=2, lora=LoraSettings(target_modules=[target]))
+    assert not _lora_names(base.model)
+
+
 def test_tune_mod_with_lora_from_config_and_pool(tokenizer, tmp_path):
     _build("gpt2", tokenizer, tmp_path / "zoo" / "tiny")
     base_files = sorted(p.name for p in (tmp_path / "zoo" / "tiny").iterdir())

@@ -80,7 +80,7 @@ def attach(model: nn.Module, config, seed: int = 0):
             torch.manual_seed(seed)   # repeatable, and the caller's random stream untouched
             # peft asks transformers >= 5 a deprecated question; nothing for our users to act on
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            return peft.get_peft_model(shared_weight_copy(model), config)
+            wrapped = peft.get_peft_model(shared_weight_copy(model), config)
     except ValueError as e:
         if "target" not in str(e).lower():
             raise
@@ -88,6 +88,13 @@ def attach(model: nn.Module, config, seed: int = 0):
                         if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
         raise LoraTargetError(f"LoRA target modules {sorted(config.target_modules)} not found in "
                               f"{type(model).__name__}; its linear modules are: {', '.join(names)}") from None
+    inner = wrapped.base_model.model
+    if any(hasattr(m, "lora_A") or hasattr(m, "lora_embedding_A")
+           for m in (inner.get_input_embeddings(), inner.get_output_embeddings())):
+        raise LoraTargetError(f"LoRA target modules {sorted(config.target_modules)} include the input embeddings "
+                              f"or the LM head; a MoD member shares both with its base (vocabulary matrices, "
+                              f"layer logits): target the attention or MLP projections instead")
+    return wrapped
 
 
 def set_dropout(peft_model, training: bool) -> None:
