@@ -40,7 +40,8 @@ class MissingPeftError(UserError, ImportError):
 
 
 class LoraTargetError(UserError, ValueError):
-    """The LoRA target modules do not exist in the model (the message lists the ones that do)."""
+    """The LoRA target modules do not exist in the model (the message lists the ones that do), or
+    hit the input embeddings or the LM head, which a MoD member shares with its base."""
 
 
 def require_peft():
