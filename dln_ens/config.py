@@ -104,6 +104,17 @@ class DLNConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters (peft) trained with a MoD head by `tune-mod` (``tune_mod.lora``)."""
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: Union[list[str], None] = None   # None = per architecture (dln_ens/mod/arch.py)
+    layers: Literal["all", "late"] = "all"           # "late" = only the MoD member's last k_last layers
+    lr: Union[float, None] = None                    # None = tune_mod.lr
+
+
+@dataclass
 class TuneModConfig:
     backend: str = ""                # a `mod` backend; its head is written beside its base
     task: str = "facts_qa"
@@ -112,7 +123,8 @@ class TuneModConfig:
     lambda_kd: float = 0.1
     batch_size: int = 16
     patience: int = 2
-    lora: bool = False
+    lora: Union[LoraSettings, Literal[False], None] = None   # null or false = MoD head only (base frozen)
+    train_head: bool = True                        # false (with lora, k_last 1): plain LoRA, head frozen
     seed: int = 0
     loss_on: Literal["target", "all"] = "target"   # answer tokens only, or every token
     max_train_examples: Union[int, None] = None    # None = the whole train split
@@ -197,8 +209,41 @@ def _check_references(cfg: Config, ctx: CheckContext) -> None:
                 ctx.need(f"dln.systems[{i}].{part}", getattr(s, part) or None)
             if not s.backend:
                 raise ctx.error(f"dln.systems[{i}].backend", "missing; name the backend that runs the layers")
-    if cfg.tune_mod is not None and cfg.tune_mod.backend:
-        ctx.need("tune_mod.backend", cfg.tune_mod.backend, ("mod",))
+    if cfg.tune_mod is not None:
+        if cfg.tune_mod.backend:
+            ctx.need("tune_mod.backend", cfg.tune_mod.backend, ("mod",))
+        try:
+            check_tune_mod_config(cfg.tune_mod)
+        except ConfigError as e:
+            raise ConfigError(f"{ctx.source}: {e}") from None
+
+
+def check_tune_mod_config(t: TuneModConfig, where: str = "tune_mod") -> None:
+    """Value checks of a tune_mod section (also run by `tune_mod` for settings built in Python)."""
+    for key, low in (("epochs", 1), ("batch_size", 1), ("patience", 1)):
+        if getattr(t, key) < low:
+            raise ConfigError(f"key '{where}.{key}': must be at least {low}, got {getattr(t, key)}")
+    if t.lr <= 0:
+        raise ConfigError(f"key '{where}.lr': must be > 0, got {t.lr}")
+    if not t.train_head and not t.lora:
+        raise ConfigError(f"key '{where}.train_head': false leaves nothing to train without LoRA; "
+                          f"add \"lora\": {{\"r\": 8}} or set \"train_head\": true")
+    if t.lora:
+        check_lora_settings(t.lora, f"{where}.lora")
+
+
+def check_lora_settings(s: LoraSettings, where: str = "tune_mod.lora") -> None:
+    if s.r < 1:
+        raise ConfigError(f"key '{where}.r': the LoRA rank must be at least 1, got {s.r}")
+    if s.alpha <= 0:
+        raise ConfigError(f"key '{where}.alpha': must be > 0 (the adapter is scaled by alpha / r), got {s.alpha}")
+    if not 0 <= s.dropout < 1:
+        raise ConfigError(f"key '{where}.dropout': must be in [0, 1), got {s.dropout}")
+    if s.target_modules is not None and (not s.target_modules or not all(s.target_modules)):
+        raise ConfigError(f"key '{where}.target_modules': list module names such as [\"q_proj\", \"v_proj\"], "
+                          f"or null for the architecture's default")
+    if s.lr is not None and s.lr <= 0:
+        raise ConfigError(f"key '{where}.lr': must be > 0, or null for tune_mod.lr")
 
 
 def check_dln_config(d: DLNConfig, where: str = "dln") -> None:

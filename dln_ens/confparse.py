@@ -81,9 +81,12 @@ def _coerce(value: Any, tp: Any, where: str, ctx: "Ctx") -> Any:
             try:
                 return _coerce(value, a, where, ctx)
             except ConfigError as e:
-                errors.append(e)
-        if len([a for a in args if a is not type(None)]) == 1 and errors:
-            raise errors[0]
+                errors.append((a, e))
+        if len(errors) == 1:
+            raise errors[0][1]
+        objects = [e for a, e in errors if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(objects) == 1:   # an object: what is wrong inside it
+            raise objects[0]
         raise ctx.error(where, f"expected {type_name(tp)}, got {json.dumps(value)[:80]}")
     if origin is Literal:
         if value not in typing.get_args(tp) or isinstance(value, bool) != any(

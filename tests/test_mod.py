@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 
 import pytest
 import torch
@@ -279,6 +280,14 @@ def test_unsupported_model_names_the_class(tokenizer):
     lm = HFLanguageModel(model, tokenizer, name="opt")
     with pytest.raises(UnsupportedModelError, match="OPTForCausalLM.*LlamaForCausalLM"):
         DepthEnsembleLanguageModel(lm, k_last=2)
+
+
+def test_lora_without_peft_names_the_extra(base, monkeypatch):
+    from dln_ens.config import LoraSettings
+    from dln_ens.mod.lora import MissingPeftError
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(MissingPeftError, match=r"pip install 'dln-ens\[lora\]'"):
+        DepthEnsembleLanguageModel(base, k_last=2, lora=LoraSettings())
 
 
 def test_bad_arguments(base):

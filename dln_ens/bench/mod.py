@@ -86,20 +86,8 @@ def ensemble_rows(args, names: list[str], bases: dict, tuned: dict) -> list[dict
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dln_ens.bench mod", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--zoo", default="models/zoo", help="directory of zoo members (dln-ens zoo)")
-    ap.add_argument("--members", default=None, help="comma-separated member names (default: all in --zoo)")
-    ap.add_argument("--tasks", default="facts_qa,navigate")
+    add_common_args(ap)
     ap.add_argument("--ks", default="2,3,4")
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--lambda-kd", type=float, default=0.1)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--patience", type=int, default=2)
-    ap.add_argument("--num-test", type=int, default=None, help="test examples per task (default: all)")
-    ap.add_argument("--max-new-tokens", type=int, default=12)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="also write the table (Markdown) here")
     ap.add_argument("--ensemble", action="store_true", help="also: ensemble with plain vs MoD main member")
     ap.add_argument("--ensemble-k", type=int, default=2)
     ap.add_argument("--matrices", default=None, help="matrix directory for --ensemble (default: a temp dir)")
@@ -107,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --ensemble: tune only the main member's MoD and measure only the ensembles")
     args = ap.parse_args(argv)
 
-    zoo = Path(args.zoo)
-    names = args.members.split(",") if args.members else sorted(
-        p.name for p in zoo.iterdir() if (p / "config.json").is_file()) if zoo.is_dir() else []
-    if not names:
-        raise SystemExit(f"no zoo members in {zoo}; build them with `dln-ens zoo --conf conf/default.json`")
+    zoo, names = Path(args.zoo), zoo_members(args)
     ks = [int(k) for k in args.ks.split(",")]
     rows, bases, tuned = [], {}, {}
     for name in names:
@@ -147,15 +131,46 @@ def main(argv: list[str] | None = None) -> int:
                     tuned[name, task_name] = mod
     if args.ensemble or args.ensemble_only:
         rows += ensemble_rows(args, names, bases, tuned)
+    report(args, rows, "seconds", f"MoD on {zoo} (")
+    return 0
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The zoo, tasks, tuning budget and measurement options every MoD bench shares."""
+    ap.add_argument("--zoo", default="models/zoo", help="directory of zoo members (dln-ens zoo)")
+    ap.add_argument("--members", default=None, help="comma-separated member names (default: all in --zoo)")
+    ap.add_argument("--tasks", default="facts_qa,navigate")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--lambda-kd", type=float, default=0.1)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--patience", type=int, default=2)
+    ap.add_argument("--num-test", type=int, default=None, help="test examples per task (default: all)")
+    ap.add_argument("--max-new-tokens", type=int, default=12)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the table (Markdown) here")
+
+
+def zoo_members(args) -> list[str]:
+    zoo = Path(args.zoo)
+    names = args.members.split(",") if args.members else sorted(
+        p.name for p in zoo.iterdir() if (p / "config.json").is_file()) if zoo.is_dir() else []
+    if not names:
+        raise SystemExit(f"no zoo members in {zoo}; build them with `dln-ens zoo --conf conf/default.json`")
+    return names
+
+
+def report(args, rows: list[dict], seconds: str, title: str) -> None:
+    """Print the table (and write it with --out) under a line naming the shared settings."""
     table = markdown_table(rows, ["member", "task", "variant", "trainable", "dev loss (untuned→best)",
-                                  "best epoch", "test loss", "test acc", "seconds"])
-    header = (f"MoD on {zoo} (epochs {args.epochs}, lr {args.lr}, lambda_kd {args.lambda_kd}, "
+                                  "best epoch", "test loss", "test acc", seconds])
+    header = (f"{title}epochs {args.epochs}, lr {args.lr}, lambda_kd {args.lambda_kd}, "
               f"batch {args.batch_size}, patience {args.patience}, seed {args.seed}; test split"
               + (f", first {args.num_test}" if args.num_test else "") + ")\n\n")
     print("\n" + header + table)
     if args.out:
         atomic_write_text(args.out, header + table)
-    return 0
 
 
 if __name__ == "__main__":

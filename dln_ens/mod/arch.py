@@ -24,10 +24,12 @@ class ArchSpec:
     layers: str              # attribute path of the decoder layers (nn.ModuleList)
     final_norm: str          # attribute path of the final norm
     norm: Literal["rms", "layer"]
+    lora_targets: tuple[str, ...]   # default LoRA target modules (peft names: the attention projections)
+    lora_fan_in_fan_out: bool = False   # the targets store weight as [in, out] (GPT-2's Conv1D)
     # the LM head is model.get_output_embeddings() (GPT-NeoX renamed embed_out -> lm_head in v5)
 
 
-_LLAMA_LIKE = ArchSpec("model", "model.layers", "model.norm", "rms")
+_LLAMA_LIKE = ArchSpec("model", "model.layers", "model.norm", "rms", ("q_proj", "v_proj"))
 
 # model_type -> spec; the model class named in errors comes from the loaded model itself.
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -35,8 +37,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "gpt2": ArchSpec("transformer", "transformer.h", "transformer.ln_f", "layer"),
-    "gpt_neox": ArchSpec("gpt_neox", "gpt_neox.layers", "gpt_neox.final_layer_norm", "layer"),
+    "gpt2": ArchSpec("transformer", "transformer.h", "transformer.ln_f", "layer", ("c_attn",), True),
+    "gpt_neox": ArchSpec("gpt_neox", "gpt_neox.layers", "gpt_neox.final_layer_norm", "layer",
+                         ("query_key_value",)),
 }
 SUPPORTED_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                      "GPT2LMHeadModel", "GPTNeoXForCausalLM")
@@ -65,6 +68,7 @@ class DepthAccess:
     norm: Literal["rms", "layer"]
     eps: float
     cache_kwarg: str         # "cache" (transformers >= 5) or "past_key_values"
+    spec: ArchSpec
 
     @property
     def num_layers(self) -> int:
@@ -139,4 +143,5 @@ def depth_access(model: nn.Module) -> DepthAccess:
                                         f"found {type(final_norm).__name__}")
     params = inspect.signature(backbone.forward).parameters
     cache_kwarg = "cache" if "cache" in params else "past_key_values"
-    return DepthAccess(cls, model_type, backbone, layers, final_norm, lm_head, spec.norm, float(eps), cache_kwarg)
+    return DepthAccess(cls, model_type, backbone, layers, final_norm, lm_head, spec.norm, float(eps), cache_kwarg,
+                       spec)

@@ -6,6 +6,9 @@ the last k layers' residual streams each go through a trainable float32 norm (in
 the final norm) and the base's LM head, and a router mixes the k logit tensors. With k_last=1
 the output is the base model's own output. generate / score / next_token_* and the KV cache
 come unchanged from `HFLanguageModel`.
+
+With ``lora`` the member runs LoRA adapters (peft) in its own module tree over the base's weight
+tensors (`dln_ens/mod/lora.py`): the base model, shared with other backends, is never modified.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from torch import nn
 
 from dln_ens.io import atomic_write_bytes, atomic_write_text
 from dln_ens.lm.hf import HFLanguageModel
-from dln_ens.mod import heads
+from dln_ens.mod import heads, lora as lora_files
 from dln_ens.mod.arch import DepthAccess, depth_access
 
 HEAD_WEIGHTS = "mod_head.safetensors"
@@ -66,8 +69,12 @@ class DepthOutput:
 
 
 class DepthEnsembleLanguageModel(HFLanguageModel):
+    """``lora``: `config.LoraSettings` or a peft ``LoraConfig`` for fresh adapters (A drawn with
+    ``lora_seed``, B = 0); they live in ``self.peft``, a peft model over a weight-sharing copy of
+    ``base.model``."""
+
     def __init__(self, base: HFLanguageModel, k_last: int, router: Literal["learned", "uniform"] = "learned",
-                 top_k: int | None = None, name: str | None = None):
+                 top_k: int | None = None, name: str | None = None, lora=None, lora_seed: int = 0):
         access = depth_access(base.model)
         if not 1 <= k_last <= access.num_layers:
             raise ValueError(f"k_last={k_last} must be between 1 and the number of decoder layers of "
@@ -78,12 +85,19 @@ class DepthEnsembleLanguageModel(HFLanguageModel):
             raise ValueError(f"top_k={top_k} must be between 1 and k_last={k_last}, or None")
         if top_k is not None and router == "uniform":
             raise ValueError("top_k needs a learned router (a uniform router has no largest weights)")
-        super().__init__(base.model, base.tokenizer, name=name or f"{base.name}+{variant_name(k_last, router, top_k)}",
+        base.model.requires_grad_(False)   # shared weights: frozen, also under the adapters
+        self.peft, model = None, base.model
+        if lora is not None:
+            if not hasattr(lora, "peft_type"):
+                lora = lora_files.peft_config(lora, access, k_last)
+            self.peft = lora_files.attach(base.model, lora, lora_seed)
+            model, access = self.peft.base_model.model, None
+        variant = variant_name(k_last, router, top_k, lora=self.peft is not None)
+        super().__init__(model, base.tokenizer, name=name or f"{base.name}+{variant}",
                          batch_size=getattr(base, "batch_size", 16))
-        self.base, self.access = base, access
+        self.base, self.access = base, access or depth_access(model)
         self.k_last, self.router, self.top_k = k_last, router, top_k
-        self.model.requires_grad_(False)
-        self.head = DepthHead(access, k_last, router).to(access.lm_head.weight.device)
+        self.head = DepthHead(self.access, k_last, router).to(self.access.lm_head.weight.device)
 
     # ---------------------------------------------------------------- forward
 
@@ -124,8 +138,14 @@ class DepthEnsembleLanguageModel(HFLanguageModel):
             out = z if self.k_last == 1 else (w[..., j, None] * z if out is None else out + w[..., j, None] * z)
         return out, cache
 
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """The head's and the LoRA adapters' parameters that require gradients (the base's never do)."""
+        out = {f"head.{n}": p for n, p in self.head.named_parameters() if p.requires_grad}
+        out.update((f"model.{n}", p) for n, p in self.model.named_parameters() if p.requires_grad)
+        return out
+
     def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.head.parameters())
+        return sum(p.numel() for p in self.trainable_parameters().values())
 
     # ---------------------------------------------------------------- head files
 
@@ -136,13 +156,21 @@ class DepthEnsembleLanguageModel(HFLanguageModel):
         """Write the head (safetensors) and its JSON config into ``directory``; refuses a
         directory that holds a model checkpoint (never overwrite base files)."""
         d = Path(directory)
+        example = default_head_dir(d, self.k_last, self.router, self.top_k, lora=self.peft is not None)
         if (d / "config.json").exists() or any(d.glob("model*.safetensors")):
             raise FileExistsError(f"{d} holds a model checkpoint; MoD heads go in their own directory "
-                                  f"(e.g. {default_head_dir(d, self.k_last, self.router, self.top_k)})")
+                                  f"(e.g. {example})")
+        if self.peft is None and lora_files.has_adapter(d):
+            raise FileExistsError(f"{d} holds a LoRA adapter ({lora_files.ADAPTER_CONFIG}) that this head "
+                                  f"without LoRA would leave behind; save it in another directory (e.g. {example})")
         d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        adapter = None
+        if self.peft is not None:   # the adapter first: mod_head.json, written last, names its checksum
+            adapter = {"config": lora_files.ADAPTER_CONFIG, "weights": lora_files.ADAPTER_WEIGHTS,
+                       "sha256": lora_files.save_adapter(self.peft, d)}
         meta = {"format_version": FORMAT_VERSION, "k_last": self.k_last, "router": self.router,
-                "top_k": self.top_k, "norm": self.head.norm_kind, "eps": self.head.eps,
+                "top_k": self.top_k, "norm": self.head.norm_kind, "eps": self.head.eps, "lora": adapter,
                 "base_name": self.base.name, "base": self.fingerprint(), **(extra or {})}
         atomic_write_bytes(d / HEAD_WEIGHTS, save(tensors))
         atomic_write_text(d / HEAD_CONFIG, json.dumps(meta, indent=2) + "\n")
@@ -152,8 +180,9 @@ class DepthEnsembleLanguageModel(HFLanguageModel):
     def from_head(cls, base: HFLanguageModel, head_dir: str | os.PathLike, k_last: int | None = None,
                   router: str | None = None, top_k: int | None = None, name: str | None = None
                   ) -> "DepthEnsembleLanguageModel":
-        """Load a head written by `dln-ens tune-mod`. ``k_last`` / ``router``, when given (e.g. from
-        a config), must match the file; ``top_k`` given here overrides the trained routing."""
+        """Load a head written by `dln-ens tune-mod`, with its LoRA adapter when it was trained with
+        one. ``k_last`` / ``router``, when given (e.g. from a config), must match the file;
+        ``top_k`` given here overrides the trained routing."""
         d = Path(head_dir)
         if not (d / HEAD_CONFIG).is_file() or not (d / HEAD_WEIGHTS).is_file():
             raise FileNotFoundError(f"{d} is not a MoD head directory (needs {HEAD_CONFIG} and {HEAD_WEIGHTS}); "
@@ -163,7 +192,13 @@ class DepthEnsembleLanguageModel(HFLanguageModel):
             if want is not None and meta[key] != want:
                 raise ValueError(f"MoD head {d} was trained with {key}={meta[key]!r} but {want!r} was asked "
                                  f"for; set {key} to {meta[key]!r} or retrain with `dln-ens tune-mod`")
-        mod = cls(base, meta["k_last"], meta["router"], top_k if top_k is not None else meta["top_k"], name=name)
+        adapter = meta.get("lora")
+        if adapter is None and lora_files.has_adapter(d):
+            raise ValueError(f"MoD head {d} holds a LoRA adapter ({lora_files.ADAPTER_CONFIG}) that its "
+                             f"{HEAD_CONFIG} does not list; retrain with `dln-ens tune-mod` into a fresh directory")
+        lora = lora_files.read_config(d) if adapter is not None else None
+        mod = cls(base, meta["k_last"], meta["router"], top_k if top_k is not None else meta["top_k"], name=name,
+                  lora=lora)
         have = mod.fingerprint()
         diff = [k for k in set(have) | set(meta["base"]) if have.get(k) != meta["base"].get(k)]
         if diff:
@@ -175,6 +210,8 @@ class DepthEnsembleLanguageModel(HFLanguageModel):
         missing, unexpected = mod.head.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"MoD head {d}: tensors do not match the head (missing {missing}, unexpected {unexpected})")
+        if adapter is not None:
+            lora_files.load_weights(mod.peft, d, adapter["sha256"])
         return mod
 
     @classmethod
@@ -198,13 +235,14 @@ def base_fingerprint(model: nn.Module, access: DepthAccess) -> dict:
             "vocab_size": int(w.shape[0]), "weights_sha256": h.hexdigest()[:16]}
 
 
-def default_head_dir(base_path: str | os.PathLike, k_last: int, router: str, top_k: int | None) -> Path:
-    """<parent>/<base_name>.mod-k<k>-<router>[-top<K>]/, beside (never inside) the base model."""
+def default_head_dir(base_path: str | os.PathLike, k_last: int, router: str, top_k: int | None,
+                     lora: bool = False) -> Path:
+    """<parent>/<base_name>.mod-k<k>-<router>[-top<K>][-lora]/, beside (never inside) the base model."""
     p = Path(base_path).resolve()
-    return p.parent / f"{p.name}.{variant_name(k_last, router, top_k)}"
+    return p.parent / f"{p.name}.{variant_name(k_last, router, top_k, lora)}"
 
 
-def variant_name(k_last: int, router: str, top_k: int | None) -> str:
-    """``mod-k<k>-<router>[-top<K>]``: names a MoD variant (its backend name, its head directory)."""
-    return f"mod-k{k_last}-{router}" + (f"-top{top_k}" if top_k else "")
+def variant_name(k_last: int, router: str, top_k: int | None, lora: bool = False) -> str:
+    """``mod-k<k>-<router>[-top<K>][-lora]``: names a MoD variant (its backend name, its head directory)."""
+    return f"mod-k{k_last}-{router}" + (f"-top{top_k}" if top_k else "") + ("-lora" if lora else "")
 

@@ -4,7 +4,11 @@ Training text per example is the forward format every model in the project sees:
 "{instruction}\\n\\nInput: {input}\\nAnswer: {target}\\n". By default the loss covers only the
 answer tokens (" {target}\\n", what the member is asked to predict at evaluation time);
 ``loss_on="all"`` covers every token. Loss = CE(mixed logits) + lambda_kd * sum_j KL(final || j),
-final layer detached (Luo & Specia 2024). The base model stays frozen and runs without gradients.
+final layer detached (Luo & Specia 2024). The base model stays frozen; without LoRA it runs
+without gradients (its states at the target positions are computed once), with LoRA (the
+member's own adapters, `dln_ens/mod/lora.py`) the adapters train jointly with the head under
+the same loss and the backbone runs forward and backward every step. ``train_head=False``
+trains the adapters alone (with k_last=1: plain LoRA, the comparison without MoD).
 Held-out loss (the task's dev split, CE of the mixed logits) is measured before training and
 after each epoch; the best epoch's head is kept and saved (early stopping with ``patience``).
 """
@@ -22,7 +26,7 @@ from tqdm.auto import tqdm
 
 from dln_ens.data.task import Example, Task
 from dln_ens.lm.batching import common_prefix, pad
-from dln_ens.mod import heads
+from dln_ens.mod import heads, lora as lora_files
 from dln_ens.mod.model import DepthEnsembleLanguageModel, default_head_dir
 
 
@@ -71,12 +75,13 @@ class Features:
     labels: torch.Tensor     # [n] the tokens to predict
 
 
-@torch.no_grad()
 def extract_features(mod: DepthEnsembleLanguageModel, items: list[tuple[list[int], int]], pad_id: int
                      ) -> list[Features]:
-    """Run the (frozen) base once over a batch; keep only the target positions."""
+    """Run the backbone once over a batch; keep only the target positions. Gradients flow only
+    into LoRA adapters (when the member has them and grad mode is on)."""
     batch = collate(items, pad_id, mod.device)
-    hiddens, final, _ = mod.hidden_parts(batch.input_ids, batch.attention_mask, use_cache=False)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and mod.peft is not None):
+        hiddens, final, _ = mod.hidden_parts(batch.input_ids, batch.attention_mask, use_cache=False)
     sel = batch.loss_mask[:, 1:].to(final.device)          # hidden at t predicts token t+1
     labels = batch.input_ids[:, 1:].to(final.device)
     return [Features(torch.stack([h[i, :-1][sel[i]] for h in hiddens]), final[i, :-1][sel[i]], labels[i][sel[i]])
@@ -97,7 +102,8 @@ def feature_losses(mod: DepthEnsembleLanguageModel, feats: list[Features]) -> tu
 class FeatureSource:
     """Features of a fixed list of examples: computed once and kept when they fit in
     ``max_bytes`` (the base is frozen, so every epoch would recompute the same states),
-    otherwise recomputed per batch. Both give the same numbers."""
+    otherwise recomputed per batch. Both give the same numbers. Never kept for a member with
+    LoRA adapters (its states change as they train)."""
 
     def __init__(self, mod, data: list[tuple[list[int], int]], pad_id: int, batch_size: int, max_bytes: int,
                  desc: str = "", progress: bool = False):
@@ -105,7 +111,7 @@ class FeatureSource:
         n_targets = sum(len(ids) - start for ids, start in data)
         width = mod.access.hidden_size * (mod.k_last + 1) * 4
         self.cached = None
-        if n_targets * width <= max_bytes:
+        if mod.peft is None and n_targets * width <= max_bytes:
             self.cached = []
             for i in tqdm(range(0, len(data), batch_size), desc=desc, disable=not progress, leave=False):
                 self.cached += extract_features(mod, data[i:i + batch_size], pad_id)
@@ -143,14 +149,20 @@ def tune_mod(mod: DepthEnsembleLanguageModel, task: Task, *, out_dir: str | Path
              epochs: int = 3, lr: float = 1e-3, lambda_kd: float = 0.1, batch_size: int = 16,
              patience: int = 2, seed: int = 0, loss_on: Literal["target", "all"] = "target",
              max_train_examples: int | None = None, max_dev_examples: int | None = 200,
-             progress: bool = True, max_feature_bytes: int = 2 << 30) -> TuneResult:
-    """Train ``mod``'s head in place on ``task.train``; keep the epoch with the best dev loss and,
-    if ``out_dir`` is given, save it there. The frozen base's states at the target positions
-    are computed once when they fit in ``max_feature_bytes`` (else once per batch)."""
+             progress: bool = True, max_feature_bytes: int = 2 << 30, train_head: bool = True,
+             lora_lr: float | None = None) -> TuneResult:
+    """Train ``mod``'s head (``train_head``) and its LoRA adapters if it has any, in place, on
+    ``task.train``; keep the epoch with the best dev loss and, if ``out_dir`` is given, save it
+    there. Without LoRA the frozen base's states at the target positions are computed once when
+    they fit in ``max_feature_bytes`` (else once per batch). ``lora_lr``: the adapters' learning
+    rate (default ``lr``)."""
     if loss_on not in ("target", "all"):
         raise ValueError(f"loss_on must be 'target' or 'all', got {loss_on!r}")
     if not task.train or not task.dev:
         raise ValueError(f"task {task.name!r} needs non-empty train and dev splits for tune-mod")
+    if not train_head and mod.peft is None:
+        raise ValueError(f"{mod.name}: train_head=False leaves nothing to train without LoRA adapters")
+    mod.head.requires_grad_(train_head)
     t0 = time.time()
     torch.manual_seed(seed)
     pad_id = mod.pad_token_id
@@ -158,18 +170,23 @@ def tune_mod(mod: DepthEnsembleLanguageModel, task: Task, *, out_dir: str | Path
                           pad_id, batch_size, max_feature_bytes, f"tune-mod {mod.name}: base states", progress)
     dev = FeatureSource(mod, encode_examples(mod, task.instruction, task.dev[:max_dev_examples], loss_on),
                         pad_id, batch_size, max_feature_bytes)
-    opt = torch.optim.AdamW(mod.head.parameters(), lr=lr, weight_decay=0.0)
+    params = mod.trainable_parameters()
+    groups = [{"params": [p for n, p in params.items() if n.startswith("head.")], "lr": lr},
+              {"params": [p for n, p in params.items() if not n.startswith("head.")], "lr": lora_lr or lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
 
     initial = held_out_loss(mod, dev, batch_size, pad_id)
     best, best_epoch, bad = initial, 0, 0
-    best_state = {k: v.detach().clone() for k, v in mod.head.state_dict().items()}
+    best_state = snapshot(params)
     history = [{"epoch": 0, "train_loss": None, "dev_loss": initial}]
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train.data), generator=gen).tolist()
         steps = range(0, len(order), batch_size)
         bar = tqdm(steps, desc=f"tune-mod {mod.name} epoch {epoch}/{epochs}", disable=not progress, leave=False)
         run, seen = 0.0, 0
+        if mod.peft is not None:
+            lora_files.set_dropout(mod.peft, True)
         for i in bar:
             ce, kd, _ = feature_losses(mod, train.get(order[i:i + batch_size]))
             loss = ce + lambda_kd * kd
@@ -178,6 +195,8 @@ def tune_mod(mod: DepthEnsembleLanguageModel, task: Task, *, out_dir: str | Path
             opt.step()
             run, seen = run + loss.item(), seen + 1
             bar.set_postfix(loss=f"{run / seen:.4f}")
+        if mod.peft is not None:
+            lora_files.set_dropout(mod.peft, False)
         dev_loss = held_out_loss(mod, dev, batch_size, pad_id)
         if not math.isfinite(dev_loss):
             raise FloatingPointError(f"tune-mod {mod.name}: dev loss became {dev_loss}; lower tune_mod.lr")
@@ -186,18 +205,25 @@ def tune_mod(mod: DepthEnsembleLanguageModel, task: Task, *, out_dir: str | Path
             tqdm.write(f"[tune-mod] {mod.name} epoch {epoch}: train {run / max(seen, 1):.4f}  dev {dev_loss:.4f}")
         if dev_loss < best - 1e-6:
             best, best_epoch, bad = dev_loss, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in mod.head.state_dict().items()}
+            best_state = snapshot(params)
         else:
             bad += 1
             if bad >= patience:
                 break
-    mod.head.load_state_dict(best_state)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(best_state[n])
     head_dir = None
     if out_dir is not None:
         head_dir = mod.save_head(out_dir, extra={"task": task.name, "loss_on": loss_on, "epochs": epochs,
                                                  "best_epoch": best_epoch, "lr": lr, "lambda_kd": lambda_kd,
+                                                 "train_head": train_head, "lora_lr": lora_lr,
                                                  "seed": seed, "history": history})
     return TuneResult(head_dir, mod.num_trainable(), initial, best, best_epoch, history, time.time() - t0)
+
+
+def snapshot(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in params.items()}
 
 
 def tune_mod_from_config(cfg) -> TuneResult:
@@ -217,23 +243,30 @@ def tune_mod_from_config(cfg) -> TuneResult:
                           f"(mod backends here: {', '.join(mods) or 'none'})")
     mb: ModBackend = cfg.backends[name]
     hb: HFBackend = cfg.backends[mb.base]
-    if tm.lora:
-        raise ConfigError(f"{cfg.source}: key 'tune_mod.lora': LoRA tuning of late layers is not part of "
-                          f"this MoD trainer (it would change the shared base model); set \"lora\": false")
-    out_dir = Path(mb.head) if mb.head else default_head_dir(hb.path, mb.k_last, mb.router, mb.top_k)
+    lora = tm.lora or None
+    if lora is not None:
+        lora_files.require_peft()
+    default_dir = default_head_dir(hb.path, mb.k_last, mb.router, mb.top_k, lora=lora is not None)
+    out_dir = Path(mb.head) if mb.head else default_dir
     if out_dir.resolve() == Path(hb.path).resolve():
         raise ConfigError(f"{cfg.source}: key 'backends.{name}.head' points at the base model directory "
-                          f"{hb.path}; a MoD head needs its own directory (e.g. {default_head_dir(hb.path, mb.k_last, mb.router, mb.top_k)})")
+                          f"{hb.path}; a MoD head needs its own directory (e.g. {default_dir})")
     base = HFLanguageModel.from_pretrained(hb.path, device=hb.device, dtype=hb.dtype, device_map=hb.device_map,
                                            trust_remote_code=hb.trust_remote_code, name=mb.base,
                                            batch_size=hb.batch_size)
-    mod = DepthEnsembleLanguageModel(base, mb.k_last, mb.router, mb.top_k, name=name)
+    try:
+        mod = DepthEnsembleLanguageModel(base, mb.k_last, mb.router, mb.top_k, name=name, lora=lora,
+                                         lora_seed=tm.seed)
+    except lora_files.LoraTargetError as e:
+        raise ConfigError(f"{cfg.source}: key 'tune_mod.lora.target_modules': {e}") from None
     task = load_task(tm.task)
     result = tune_mod(mod, task, out_dir=out_dir, epochs=tm.epochs, lr=tm.lr, lambda_kd=tm.lambda_kd,
                       batch_size=tm.batch_size, patience=tm.patience, seed=tm.seed, loss_on=tm.loss_on,
-                      max_train_examples=tm.max_train_examples, max_dev_examples=tm.max_dev_examples)
+                      max_train_examples=tm.max_train_examples, max_dev_examples=tm.max_dev_examples,
+                      train_head=tm.train_head, lora_lr=lora.lr if lora else None)
+    what = "head" + (" + LoRA adapter" if lora else "")
     print(f"[tune-mod] {name}: dev loss {result.initial_dev_loss:.4f} -> {result.best_dev_loss:.4f} "
-          f"(epoch {result.best_epoch}, {result.num_trainable} trainable parameters); head saved to {result.head_dir}")
+          f"(epoch {result.best_epoch}, {result.num_trainable} trainable parameters); {what} saved to {result.head_dir}")
     if mb.head is None:
         print(f"[tune-mod] to use it, set \"head\": \"{result.head_dir}\" in backends.{name} of {cfg.source}")
     return result
