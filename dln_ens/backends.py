@@ -97,11 +97,12 @@ class BackendPool:
             return lm
         if isinstance(b, EnsembleBackend):
             from dln_ens.ensemble.model import EnsembleLanguageModel
+            from dln_ens.relrep.cli import matrix_params
             members = {m: self.get(m) for m in b.members}
             return EnsembleLanguageModel(
                 members, main=b.main, matrices=b.matrices, weights=b.weights, method=b.method,
                 lr=b.lr, steps=b.steps, union_topk=b.union_topk, score_mode=b.score_mode,
-                compute_device=b.compute_device, name=name)
+                compute_device=b.compute_device, name=name, matrix_params=matrix_params(b))
         if isinstance(b, ClassBackend):
             cls = import_class(b.class_, f"{where}, key 'class'")
             kwargs = dict(b.kwargs)

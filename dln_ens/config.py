@@ -384,6 +384,7 @@ def _check_references(cfg: Config, ctx: _Ctx, check_paths: bool) -> None:
         elif isinstance(b, ClassBackend):
             if ":" not in b.class_:
                 raise ctx.error(f"{where}.class", f"{b.class_!r} must look like 'package.module:ClassName'")
+    _check_shared_matrices(cfg, ctx)
     if cfg.eval is not None:
         for i, n in enumerate(cfg.eval.backends):
             need(f"eval.backends[{i}]", n)
@@ -402,6 +403,27 @@ def _check_references(cfg: Config, ctx: _Ctx, check_paths: bool) -> None:
                 raise ctx.error(f"dln.systems[{i}].backend", "missing; name the backend that runs the layers")
     if cfg.tune_mod is not None and cfg.tune_mod.backend:
         need("tune_mod.backend", cfg.tune_mod.backend, (ModBackend,))
+
+
+_MATRIX_SETTINGS = ("members", "temperature", "topk", "num_anchors", "anchors")
+
+
+def _check_shared_matrices(cfg: Config, ctx: _Ctx) -> None:
+    """Ensembles may share a matrices folder only with the same members and build settings
+    (else each `mat` rebuilds the other's matrices, and loading refuses them)."""
+    first: dict[Path, str] = {}
+    for name, b in cfg.ensembles().items():
+        folder = Path(b.matrices).resolve()
+        if folder not in first:
+            first[folder] = name
+            continue
+        other = cfg.backends[first[folder]]
+        value = lambda x, k: sorted(x.members) if k == "members" else getattr(x, k)  # noqa: E731
+        differ = [k for k in _MATRIX_SETTINGS if value(b, k) != value(other, k)]
+        if differ:
+            raise ctx.error(f"backends.{name}.matrices", f"{b.matrices} is also the matrices folder of "
+                            f"ensemble {first[folder]!r}, which differs in {', '.join(differ)}; each build would "
+                            f"replace the other's matrices. Give each ensemble its own folder")
 
 
 def check_dln_config(d: DLNConfig, where: str = "dln") -> None:

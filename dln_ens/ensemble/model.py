@@ -93,8 +93,9 @@ class _Lane:
 class EnsembleLanguageModel:
     """DeePEn-style fusion of local members (name -> HFLanguageModel-like) over ``main``'s vocabulary.
 
-    matrices: directory built by ``sh sh/mat.sh`` (fingerprints checked) or a preloaded
-    {name: RelRepMatrix}. tail_mass / max_support: restrict the relative-space work to each
+    matrices: directory built by ``sh sh/mat.sh`` (fingerprints and checksums checked) or a
+    preloaded {name: RelRepMatrix}. matrix_params: build settings the directory must have been
+    built with (e.g. {"topk": 64, "temperature": 100.0}; a config passes all of them). tail_mass / max_support: restrict the relative-space work to each
     distribution's top tokens holding 1 - tail_mass of the mass (`fusion.relative`); 0 = exact.
     """
 
@@ -102,7 +103,7 @@ class EnsembleLanguageModel:
                  method: str = "deepen", lr: float = 0.15, steps: int = 5, union_topk: int = 10,
                  score_mode: str = "exact", compute_device: str = "cpu", name: str | None = None,
                  tail_mass: float = 1e-4, max_support: int = 256, batch_size: int | None = None,
-                 window: int = 4, verify_alignment: bool = False):
+                 window: int = 4, verify_alignment: bool = False, matrix_params: dict | None = None):
         if not members:
             raise ValueError("EnsembleLanguageModel: no members")
         if main not in members:
@@ -121,7 +122,7 @@ class EnsembleLanguageModel:
         self.surfaces = token_surfaces(self.main_member.tokenizer)
         mats = None
         if needs_matrices(method, self.names, lr, steps):
-            mats = self._load_matrices(matrices)
+            mats = self._load_matrices(matrices, matrix_params)
         surf = toks = None
         if method == "union":
             surf = {n: token_surfaces(m.tokenizer) for n, m in members.items()}
@@ -131,13 +132,13 @@ class EnsembleLanguageModel:
                              surfaces=surf, tokens=toks, device=compute_device)
         self.compute_device = self.fusion.device
 
-    def _load_matrices(self, matrices):
+    def _load_matrices(self, matrices, params: dict | None):
         if matrices is None:
             raise ValueError(f"{self.name}: method 'deepen' needs relative-representation matrices "
                              f"(a directory built by `sh sh/mat.sh`, or a dict of RelRepMatrix)")
         if isinstance(matrices, (str, Path)):
             from dln_ens.relrep.store import load_matrices
-            mats, _ = load_matrices(matrices, self.members)
+            mats, _ = load_matrices(matrices, self.members, params)
         else:
             mats = dict(matrices)
         for n in self.names:

@@ -177,7 +177,7 @@ def build_matrices(members: dict, out_dir: str | Path, temperature: float = 100.
         anc = most_consistent(anc, weights, num_anchors)
     params = build_params(temperature, topk, num_anchors, anchors, value_dtype)
 
-    store.begin_build(out_dir)   # from here on the directory does not load until meta.json
+    previous = store.begin_build(out_dir, names)   # from here on the directory does not load until meta.json
     stats, fingerprints = {}, {}
     shared: dict[tuple, RelRepMatrix] = {}   # a MoD member shares its base's embedding
     for m in names:
@@ -195,5 +195,5 @@ def build_matrices(members: dict, out_dir: str | Path, temperature: float = 100.
         stats[m] = MemberStats(m, R.num_rows, len(anc), R.k, nbytes, seconds)
     store.save_anchors(out_dir, anc)
     store.finish_build(out_dir, params, fingerprints, len(anc),
-                       {m: round(s.seconds, 3) for m, s in stats.items()})
+                       {m: round(s.seconds, 3) for m, s in stats.items()}, previous)
     return stats

@@ -11,6 +11,11 @@ from dln_ens.relrep.store import staleness
 VALUE_DTYPE = "float16"
 
 
+def matrix_params(b) -> dict:
+    """The build settings of an ensemble backend's matrices (checked again on load)."""
+    return build_params(b.temperature, b.topk, b.num_anchors, b.anchors, VALUE_DTYPE)
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -72,7 +77,7 @@ def build_all(cfg: Config, force: bool = False, progress: bool = True) -> dict[s
     for ens, hf in plan.items():
         b = ensembles[ens]
         members = {m: pool.get(h) for m, h in hf.items()}
-        params = build_params(b.temperature, b.topk, b.num_anchors, b.anchors, VALUE_DTYPE)
+        params = matrix_params(b)
         if not force:
             why = staleness(b.matrices, members, params)
             if why is None:

@@ -1,0 +1,114 @@
+"""Fingerprints: short digests of everything a cached result depends on.
+
+- ``embedding_fingerprint``: what `dln-ens mat` records per member (vocabulary surfaces and the
+  input embedding, computed from the loaded model);
+- ``file_digest`` / ``folder_digest``: the bytes of files (model weights, tokenizer, config,
+  a matrix, a MoD head), streamed so that a large checkpoint never sits in memory whole;
+- ``task_fingerprint``: the examples a task actually loaded (covers data files, loader code and
+  seeds at once, synthetic or real);
+- ``backend_fingerprint``: a configured backend, recursively (its files, its members, its
+  matrices) plus its resolved settings;
+- ``combine``: one digest of named parts.
+
+Digests of files are memoised per process by (path, size, mtime, ctime, inode), so a run that
+fingerprints the same checkpoint for several cells reads it once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+_FILE_MEMO: dict[tuple, str] = {}
+CHUNK = 1 << 22
+
+
+def combine(parts: Any) -> str:
+    """One digest of JSON-able data (dict keys sorted)."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """blake2b of the file's bytes (memoised on its stat)."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key not in _FILE_MEMO:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        _FILE_MEMO[key] = h.hexdigest()
+    return _FILE_MEMO[key]
+
+
+def folder_digest(folder: str | os.PathLike) -> dict[str, str]:
+    """{file name: digest} of the regular files directly in ``folder`` (a checkpoint directory:
+    weights, config, tokenizer; hidden files skipped)."""
+    folder = Path(folder)
+    return {p.name: file_digest(p) for p in sorted(folder.iterdir())
+            if p.is_file() and not p.name.startswith(".")}
+
+
+# ----------------------------------------------------------------------------- embeddings (mat)
+
+def vocab_hash(surfaces: list[bytes | None]) -> str:
+    h = hashlib.sha256()
+    for s in surfaces:
+        h.update(b"\xff" if s is None else len(s).to_bytes(4, "little") + s)
+    return h.hexdigest()[:32]
+
+
+def embedding_fingerprint(weight, surfaces: list[bytes | None]) -> dict:
+    """Cheap and sensitive: a strided float64 sum catches most edits instantly, the byte hash
+    catches the rest (chunked, so a GPU embedding never moves to the cpu whole)."""
+    import torch
+    with torch.no_grad():
+        w = weight.detach()
+        flat = w.reshape(-1)
+        step = max(1, flat.numel() // 65536)
+        sample = float(flat[::step].double().sum())
+        h = hashlib.blake2b(digest_size=16)
+        rows = max(1, (1 << 24) // max(1, w.shape[-1] * w.element_size()))
+        for start in range(0, w.shape[0], rows):
+            chunk = w[start:start + rows].contiguous().cpu()
+            h.update(chunk.view(torch.uint8).numpy().tobytes())
+    return {"vocab": vocab_hash(surfaces), "shape": list(w.shape), "dtype": str(w.dtype).replace("torch.", ""),
+            "sample_sum": sample, "hash": h.hexdigest()}
+
+
+# ----------------------------------------------------------------------------- tasks and backends
+
+def task_fingerprint(task) -> str:
+    """The loaded examples of every split, the instruction and the classes."""
+    h = hashlib.sha256()
+    head = [task.name, task.instruction, task.classes]
+    h.update(json.dumps(head, ensure_ascii=False).encode("utf-8"))
+    for split in ("train", "dev", "test"):
+        for ex in getattr(task, split):
+            aliases = list(getattr(ex.target, "aliases", ()))
+            h.update(json.dumps([split, ex.input, str(ex.target), aliases], ensure_ascii=False).encode("utf-8"))
+    return h.hexdigest()[:32]
+
+
+def backend_fingerprint(cfg, name: str) -> dict:
+    """The files and settings a configured backend's outputs depend on: an `hf` model's
+    checkpoint files, a `mod` member's base and head, an ensemble's members and matrices
+    (their meta.json holds a checksum of each matrix), a user class's settings."""
+    from dln_ens.config import EnsembleBackend, HFBackend, ModBackend, config_to_dict
+    b = cfg.backends[name]
+    out: dict[str, Any] = {"settings": config_to_dict(b)}
+    if isinstance(b, HFBackend) and Path(b.path).is_dir():
+        out["files"] = folder_digest(b.path)
+    elif isinstance(b, ModBackend):
+        out["base"] = backend_fingerprint(cfg, b.base)
+        if b.head is not None and Path(b.head).is_dir():
+            out["head"] = folder_digest(b.head)
+    elif isinstance(b, EnsembleBackend):
+        out["members"] = {m: backend_fingerprint(cfg, m) for m in b.members}
+        meta = Path(b.matrices) / "meta.json"
+        out["matrices"] = file_digest(meta) if meta.is_file() else None
+    return out   # a `class` backend: its settings (its code is the user's to version)
