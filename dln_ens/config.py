@@ -13,17 +13,31 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
+from dln_ens.checks import SettingError, check_fusion_steps, check_number, check_weights
 from dln_ens.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
     """A configuration problem, with file, key path and how to fix it in the message."""
+
+
+# Range metadata, checked by the parser on every value read (and by `check_fields` for configs
+# built in Python): {"check": bounds for `checks.check_number`}; None stays allowed where the
+# type allows it; the values of a dict are checked one by one. {"name": True}: a safe name.
+
+def at_least(low) -> dict:
+    return {"check": {"ge": low}}
+
+
+def above(low) -> dict:
+    return {"check": {"gt": low}}
 
 
 # ----------------------------------------------------------------------------- schema
@@ -44,7 +58,8 @@ class HFBackend:
     dtype: str = "auto"
     device_map: Union[str, dict, None] = None
     trust_remote_code: bool = False
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata=at_least(1))
+    allow_pickle: bool = False       # load pytorch_model.bin (pickle: can run code) when no safetensors
 
 
 @dataclass
@@ -53,9 +68,9 @@ class ModBackend:
     type: Literal["mod"]
     base: str                        # name of an `hf` backend in this config
     head: Union[str, None] = None    # directory written by `dln-ens tune-mod`; None = untrained
-    k_last: int = 2
+    k_last: int = field(default=2, metadata=at_least(1))
     router: Literal["learned", "uniform"] = "learned"
-    top_k: Union[int, None] = None
+    top_k: Union[int, None] = field(default=None, metadata=at_least(1))
 
 
 @dataclass
@@ -65,18 +80,18 @@ class EnsembleBackend:
     members: list[str]               # names of `hf` / `mod` / `class` backends
     main: str                        # the member whose vocabulary the fused distribution uses
     matrices: str                    # directory built by `sh sh/mat.sh`
-    weights: Union[dict[str, float], None] = None   # None = uniform
+    weights: Union[dict[str, float], None] = field(default=None, metadata=at_least(0))   # None = uniform
     method: Literal["deepen", "main", "union"] = "deepen"
-    lr: float = 0.15
-    steps: int = 5
-    union_topk: int = 10
+    lr: float = field(default=0.15, metadata=at_least(0))
+    steps: int = field(default=5, metadata=at_least(0))
+    union_topk: int = field(default=10, metadata=at_least(1))
     score_mode: Literal["exact", "fast"] = "exact"
     compute_device: str = "cpu"
     # matrix build (`dln-ens mat`)
-    temperature: float = 100.0
-    topk: Union[int, None] = 64      # None = dense matrices
-    min_anchors: int = 100
-    num_anchors: Union[int, None] = None   # keep the n most consistent anchors; None = all
+    temperature: float = field(default=100.0, metadata=above(0))
+    topk: Union[int, None] = field(default=64, metadata=at_least(1))      # None = dense matrices
+    min_anchors: int = field(default=100, metadata=at_least(1))
+    num_anchors: Union[int, None] = field(default=None, metadata=at_least(1))   # the n most consistent; None = all
     anchors: Union[str, None] = None       # a fixed anchors.json for controlled comparisons
 
 
@@ -98,9 +113,9 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["facts_qa", "navigate"])
     backends: list[str] = field(default_factory=list)
     split: Literal["dev", "test"] = "test"
-    num_examples: Union[int, None] = None     # None = the whole split
-    max_new_tokens: int = 16
-    batch_size: int = 16
+    num_examples: Union[int, None] = field(default=None, metadata=at_least(1))     # None = the whole split
+    max_new_tokens: int = field(default=16, metadata=at_least(1))
+    batch_size: int = field(default=16, metadata=at_least(1))
     # task name -> the instruction to evaluate under (default: the task's own instruction)
     instructions: dict[str, str] = field(default_factory=dict)
 
@@ -108,7 +123,7 @@ class EvalConfig:
 @dataclass
 class DLNSystem:
     """One DLN to train: its depth and which backend runs each part."""
-    name: str
+    name: str = field(metadata={"name": True})
     layers: Literal[1, 2] = 1
     backend: str = ""                # runs the forward layers
     hidden_backend: Union[str, None] = None    # DLN-2 hidden layer; None = `backend`
@@ -123,25 +138,25 @@ class DLNConfig:
     # minutes on a laptop CPU); the DLN paper uses far more samples and iterations.
     task: str = "navigate"
     systems: list[DLNSystem] = field(default_factory=list)
-    iters: int = 4
-    batch_size: int = 4
-    num_p_samples: int = 2          # proposals per layer and iteration (+ current + memory prompts)
-    num_h_samples: int = 2          # posterior samples of h per example (+ the forward h)
-    val_freq: int = 1
-    num_dev: Union[int, None] = 20
-    num_test: Union[int, None] = 50
+    iters: int = field(default=4, metadata=at_least(0))
+    batch_size: int = field(default=4, metadata=at_least(1))
+    num_p_samples: int = field(default=2, metadata=at_least(1))   # proposals per layer and iteration (+ current + memory prompts)
+    num_h_samples: int = field(default=2, metadata=at_least(0))   # posterior samples of h per example (+ the forward h)
+    val_freq: int = field(default=1, metadata=at_least(1))
+    num_dev: Union[int, None] = field(default=20, metadata=at_least(1))
+    num_test: Union[int, None] = field(default=50, metadata=at_least(1))
     scoring: Literal["logprob", "accuracy"] = "logprob"
-    posterior_temp: float = 1.0
-    trust_factor: float = 0.0
-    logp_penalty: float = 0.0
-    memory_size: int = 2
+    posterior_temp: float = field(default=1.0, metadata=above(0))
+    trust_factor: float = field(default=0.0, metadata=at_least(0))
+    logp_penalty: float = field(default=0.0, metadata=at_least(0))
+    memory_size: int = field(default=2, metadata=at_least(0))
     held_out_prompt_ranking: bool = False
     rewrite_wrong_only: bool = False
-    hidden_max_new_tokens: int = 48
-    output_max_new_tokens: int = 16
-    proposal_max_new_tokens: int = 32
-    proposal_temperature: float = 0.7
-    h_temperature: float = 0.7
+    hidden_max_new_tokens: int = field(default=48, metadata=at_least(1))
+    output_max_new_tokens: int = field(default=16, metadata=at_least(1))
+    proposal_max_new_tokens: int = field(default=32, metadata=at_least(1))
+    proposal_temperature: float = field(default=0.7, metadata=at_least(0))
+    h_temperature: float = field(default=0.7, metadata=at_least(0))
     templates: str = "v1"
     template_dir: Union[str, None] = None   # a user folder of extra templates
     seed: int = 0
@@ -152,7 +167,7 @@ class DLNConfig:
     # the paper's backward template is "q_action_prompt" (v1); the compact version fits 512 positions
     proposal_template: str = "q_action_prompt:v1-short"
     posterior_template: str = "suffix_forward_tbs_y"   # q(h | x, y)
-    proposal_max_examples: Union[int, None] = 2    # examples shown per proposal (errors first); None = batch
+    proposal_max_examples: Union[int, None] = field(default=2, metadata=at_least(1))   # shown per proposal (errors first); None = batch
     hidden_prompt: Union[str, None] = None   # initial DLN-2 first-layer prompt; None = task instruction
     length_normalize: bool = True            # free-text log-likelihoods per token (DLN scorer)
     task_kwargs: dict = field(default_factory=dict)   # passed to load_task (e.g. root, seed)
@@ -162,21 +177,21 @@ class DLNConfig:
 class TuneModConfig:
     backend: str = ""                # a `mod` backend; its head is written beside its base
     task: str = "facts_qa"
-    epochs: int = 3
-    lr: float = 1e-3
-    lambda_kd: float = 0.1
-    batch_size: int = 16
-    patience: int = 2
+    epochs: int = field(default=3, metadata=at_least(1))
+    lr: float = field(default=1e-3, metadata=above(0))
+    lambda_kd: float = field(default=0.1, metadata=at_least(0))
+    batch_size: int = field(default=16, metadata=at_least(1))
+    patience: int = field(default=2, metadata=at_least(0))
     lora: bool = False
     seed: int = 0
     loss_on: Literal["target", "all"] = "target"   # answer tokens only, or every token
-    max_train_examples: Union[int, None] = None    # None = the whole train split
-    max_dev_examples: Union[int, None] = 200       # held-out loss for early stopping
+    max_train_examples: Union[int, None] = field(default=None, metadata=at_least(1))   # None = the whole train split
+    max_dev_examples: Union[int, None] = field(default=200, metadata=at_least(1))      # held-out loss for early stopping
 
 
 @dataclass
 class Config:
-    name: str
+    name: str = field(metadata={"name": True})   # the run directory's name (runs/<name>/)
     backends: dict[str, Backend]
     zoo: Union[ZooConfig, None] = None
     eval: Union[EvalConfig, None] = None
@@ -259,6 +274,8 @@ def _coerce(value: Any, tp: Any, where: str, ctx: "_Ctx") -> Any:
         return {k: _coerce(v, vt, f"{where}.{k}", ctx) for k, v in value.items()}
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ctx.error(where, f"must be a finite number, got {value}")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -286,9 +303,50 @@ def _parse_dataclass(cls: type, data: Any, where: str, ctx: "_Ctx") -> Any:
         sub = f"{where}.{k}" if where else k
         if k in data:
             kwargs[f.name] = _coerce(data[k], hints[f.name], sub, ctx)
+            _check_field(f, kwargs[f.name], sub, ctx)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ctx.error(sub, f"missing required key; add \"{k}\": {_type_name(hints[f.name])}")
     return cls(**kwargs)
+
+
+def _check_field(f: dataclasses.Field, value: Any, where: str, ctx: "_Ctx") -> None:
+    """The field's range / name metadata on a parsed value."""
+    try:
+        if f.metadata.get("name"):
+            check_name(where, value)
+        bounds = f.metadata.get("check")
+        if bounds and value is not None:
+            for key, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+                check_number("value" if key is None else f"value of {key!r}", v, **bounds)
+    except SettingError as e:
+        raise ctx.error(where, str(e)) from None
+
+
+def check_fields(obj: Any, where: str, source: str = "") -> None:
+    """Range and name metadata of a config dataclass built in Python (the parser checks the
+    same while reading a file)."""
+    ctx = _Ctx(source)
+    for f in _fields(type(obj)):
+        _check_field(f, getattr(obj, f.name), f"{where}.{_key(f)}" if where else _key(f), ctx)
+
+
+def check_name(where: str, name: str) -> None:
+    """A name that becomes a file or folder name must not leave its folder."""
+    from dln_ens.rundir import unsafe_name_reason
+    why = unsafe_name_reason(name)
+    if why:
+        raise SettingError(why)
+
+
+def check_names(cfg: "Config") -> None:
+    """The run name, backend names and DLN system names of a config (built in Python or read)."""
+    ctx = _Ctx(cfg.source)
+    for where, name in ([("name", cfg.name)] + [(f"backends.{n}", n) for n in cfg.backends]
+                        + [(f"dln.systems[{i}].name", s.name) for i, s in enumerate(cfg.dln.systems if cfg.dln else [])]):
+        try:
+            check_name(where, name)
+        except SettingError as e:
+            raise ctx.error(where, f"{e} (it names files and folders)") from None
 
 
 def _fields(cls):
@@ -300,7 +358,7 @@ class _Ctx:
     source: str
 
     def error(self, where: str, msg: str) -> ConfigError:
-        return ConfigError(f"{self.source}: key '{where}': {msg}")
+        return ConfigError(f"{self.source + ': ' if self.source else ''}key '{where}': {msg}")
 
 
 def _parse_backends(data: Any, ctx: _Ctx) -> dict[str, Backend]:
@@ -309,6 +367,10 @@ def _parse_backends(data: Any, ctx: _Ctx) -> dict[str, Backend]:
     out = {}
     for name, b in data.items():
         where = f"backends.{name}"
+        try:
+            check_name(where, name)
+        except SettingError as e:
+            raise ctx.error(where, f"{e} (backend names name files and folders)") from None
         if not isinstance(b, dict) or "type" not in b:
             raise ctx.error(where, "each backend needs \"type\": one of " + ", ".join(_BACKEND_TYPES))
         cls = _BACKEND_TYPES.get(b["type"])
@@ -379,8 +441,16 @@ def _check_references(cfg: Config, ctx: _Ctx, check_paths: bool) -> None:
                 for m in b.weights:
                     if m not in b.members:
                         raise ctx.error(f"{where}.weights.{m}", f"not a member; members: {b.members}")
-            if b.steps < 0 or b.lr < 0:
-                raise ctx.error(where, "lr and steps must be non-negative")
+                missing = [m for m in b.members if m not in b.weights]
+                if missing:
+                    raise ctx.error(f"{where}.weights", f"no weight for member(s) {', '.join(missing)}; give "
+                                    f"every member a weight, or null for uniform weights")
+            try:
+                check_weights("weights", b.weights)
+                if len(b.members) > 1:
+                    check_fusion_steps("steps", b.method, b.steps)
+            except SettingError as e:
+                raise ctx.error(f"{where}.{str(e).split()[0]}", str(e)) from None
         elif isinstance(b, ClassBackend):
             if ":" not in b.class_:
                 raise ctx.error(f"{where}.class", f"{b.class_!r} must look like 'package.module:ClassName'")
@@ -428,18 +498,7 @@ def _check_shared_matrices(cfg: Config, ctx: _Ctx) -> None:
 
 def check_dln_config(d: DLNConfig, where: str = "dln") -> None:
     """Value checks of a DLN section (also run by `run_dln` for configs built in Python)."""
-    if d.proposal_max_examples is not None and d.proposal_max_examples < 1:
-        raise ConfigError(f"key '{where}.proposal_max_examples': must be at least 1 or null")
-    for key, low in (("iters", 0), ("batch_size", 1), ("num_p_samples", 1), ("num_h_samples", 0),
-                     ("val_freq", 1), ("memory_size", 0), ("hidden_max_new_tokens", 1),
-                     ("output_max_new_tokens", 1), ("proposal_max_new_tokens", 1)):
-        if getattr(d, key) < low:
-            raise ConfigError(f"key '{where}.{key}': must be at least {low}, got {getattr(d, key)}")
-    if d.posterior_temp <= 0:
-        raise ConfigError(f"key '{where}.posterior_temp': must be > 0")
-    for key in ("trust_factor", "logp_penalty", "proposal_temperature", "h_temperature"):
-        if getattr(d, key) < 0:
-            raise ConfigError(f"key '{where}.{key}': must be >= 0")
+    check_fields(d, where)   # the range metadata of every field
     if not d.systems:
         raise ConfigError(f"key '{where}.systems': empty; add e.g. {{\"name\": \"dln1\", \"layers\": 1, "
                           f"\"backend\": \"<backend name>\"}}")

@@ -11,9 +11,15 @@ import importlib
 from typing import Callable
 
 from dln_ens.data.task import Task
+from dln_ens.errors import UserError
 
 _LOADERS: dict[str, Callable[..., Task]] = {}
 _LOADER_MODULES = ("dln_ens.data.synthetic", "dln_ens.data.loaders")
+
+
+class UnknownTaskError(UserError, KeyError):
+    def __str__(self) -> str:   # KeyError would print the message in quotes
+        return str(self.args[0])
 
 
 def register_task(name: str):
@@ -43,5 +49,5 @@ def load_task(name: str, **kwargs) -> Task:
     if name not in _LOADERS:
         close = difflib.get_close_matches(name, list(_LOADERS), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(sorted(_LOADERS))}")
+        raise UnknownTaskError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(sorted(_LOADERS))}")
     return _LOADERS[name](**kwargs)

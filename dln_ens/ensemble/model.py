@@ -34,6 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from dln_ens.checks import check_fusion_steps, check_number, check_weights
 from dln_ens.ensemble.align import TokenTrack, final_text, visible_text
 from dln_ens.fusion.methods import Fusion, needs_matrices
 from dln_ens.lm.base import Generation, Score
@@ -110,6 +111,15 @@ class EnsembleLanguageModel:
             raise ValueError(f"main member {main!r} is not among the members {list(members)}")
         if score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
+        check_number("lr", lr, ge=0)
+        check_number("steps", steps, ge=0, integer=True)
+        check_number("union_topk", union_topk, ge=1, integer=True)
+        check_number("tail_mass", tail_mass, ge=0, lt=1)
+        check_number("max_support", max_support, ge=1, integer=True)
+        check_number("batch_size", batch_size, ge=1, integer=True, optional=True)
+        check_weights("weights", weights)
+        if len(members) > 1:
+            check_fusion_steps("steps", method, steps)
         self.members, self.main, self.names = dict(members), main, list(members)
         self.others = [n for n in self.names if n != main]
         self.name = name or "ensemble(" + "+".join(self.names) + ")"

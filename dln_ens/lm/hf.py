@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dln_ens.checks import check_number
 from dln_ens.lm.base import Generation, Score
 from dln_ens.lm.batching import chunks, common_prefix_len, pad, positions
 from dln_ens.lm.checkpoint import check_model_dir
@@ -33,8 +34,7 @@ PROMPT_TAIL = 4  # prompt tokens decoded with the continuation so its first piec
 
 class HFLanguageModel:
     def __init__(self, model, tokenizer, name: str | None = None, batch_size: int = 16):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_number("batch_size", batch_size, ge=1, integer=True)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
@@ -311,8 +311,7 @@ class HFLanguageModel:
 def sampling_seeds(temperature: float, seed: int | None, keys: Sequence[str]) -> list[int | None]:
     """One seed per sequence (``stopping.sequence_seeds`` keyed by ``keys``); all None when
     greedy. Without ``seed`` a random one is drawn, so sampling still follows torch.manual_seed."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_number("temperature", temperature, ge=0)
     if temperature == 0:
         return [None] * len(keys)
     if seed is None:

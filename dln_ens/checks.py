@@ -1,0 +1,48 @@
+"""Value checks shared by the config parser and the Python constructors: a number must be
+finite and in range, ensemble weights must be usable. Each raises a `SettingError` naming the
+setting, the value and the allowed range, so a bad value fails before any model loads and
+never turns into NaN distributions, empty answers or a silent fall-back."""
+from __future__ import annotations
+
+import math
+
+from dln_ens.errors import UserError
+
+
+class SettingError(UserError, ValueError):
+    """A setting (config key or constructor argument) with a value out of range."""
+
+
+def check_number(key: str, value, *, ge=None, gt=None, le=None, lt=None, integer: bool = False,
+                 optional: bool = False):
+    """``value`` itself when it is a finite number within the bounds (None when ``optional``)."""
+    if value is None and optional:
+        return value
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise SettingError(f"{key} must be {kind}{' or None' if optional else ''}, got {value!r}")
+    if not math.isfinite(value):
+        raise SettingError(f"{key} must be a finite number, got {value}")
+    for bound, ok, words in ((ge, lambda b: value >= b, "at least"), (gt, lambda b: value > b, "greater than"),
+                             (le, lambda b: value <= b, "at most"), (lt, lambda b: value < b, "less than")):
+        if bound is not None and not ok(bound):
+            raise SettingError(f"{key} must be {words} {bound}, got {value}")
+    return value
+
+
+def check_weights(key: str, weights: dict | None) -> dict | None:
+    """Ensemble weights: each finite and >= 0, and not all zero (None = uniform)."""
+    if weights is None:
+        return None
+    for name, w in weights.items():
+        check_number(f"{key}.{name}", w, ge=0)
+    if weights and sum(weights.values()) <= 0:
+        raise SettingError(f"{key} sum to 0; give at least one member a positive weight (or null for uniform)")
+    return weights
+
+
+def check_fusion_steps(key: str, method: str, steps: int) -> None:
+    """``steps: 0`` under "deepen" skips the inverse search: the main member alone, silently."""
+    if method == "deepen" and steps == 0:
+        raise SettingError(f"{key} is 0, which makes method \"deepen\" the main member alone; use "
+                           f"method \"main\" for that, or steps >= 1")
