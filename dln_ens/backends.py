@@ -80,7 +80,8 @@ class BackendPool:
             from dln_ens.lm.hf import HFLanguageModel
             return HFLanguageModel.from_pretrained(
                 b.path, device=b.device, dtype=b.dtype, device_map=b.device_map,
-                trust_remote_code=b.trust_remote_code, name=name, batch_size=b.batch_size)
+                trust_remote_code=b.trust_remote_code, name=name, batch_size=b.batch_size,
+                allow_pickle=b.allow_pickle)
         if isinstance(b, ModBackend):
             from dln_ens.mod.model import DepthEnsembleLanguageModel
             base = self.get(b.base)

@@ -420,7 +420,7 @@ def _check_references(cfg: Config, ctx: _Ctx, check_paths: bool) -> None:
         where = f"backends.{name}"
         if isinstance(b, HFBackend):
             if check_paths:
-                check_model_dir(b.path, f"{ctx.source}: key '{where}.path'")
+                check_model_dir(b.path, f"{ctx.source}: key '{where}.path'", b.allow_pickle)
         elif isinstance(b, ModBackend):
             need(f"{where}.base", b.base, (HFBackend,))
             if b.k_last < 1:
@@ -507,15 +507,18 @@ def check_dln_config(d: DLNConfig, where: str = "dln") -> None:
         raise ConfigError(f"key '{where}.systems': system names must be unique, got {names}")
 
 
-def check_model_dir(path: str, where: str) -> None:
-    """A local model directory must exist and hold a config, weights and a tokenizer."""
-    from dln_ens.lm.checkpoint import MissingModelError, check_model_dir as check
+def check_model_dir(path: str, where: str, allow_pickle: bool = False) -> None:
+    """A local model directory must exist and hold a config, safetensors weights (pickle only
+    with ``allow_pickle``) and a tokenizer."""
+    from dln_ens.lm.checkpoint import MissingModelError, UnsafeCheckpointError, check_model_dir as check
     try:
-        check(path)
+        check(path, allow_pickle)
     except MissingModelError as e:
         hint = (" Build the zoo with `dln-ens zoo --conf ...` (or `sh sh/mat.sh`), or point the path"
                 " at a local Hugging Face checkpoint.") if not Path(path).exists() else ""
         raise ConfigError(f"{where}: {e}.{hint}") from None
+    except UnsafeCheckpointError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def load_config(path: str | os.PathLike, check_paths: bool = True) -> Config:

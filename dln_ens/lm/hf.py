@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from dln_ens.checks import check_number
 from dln_ens.lm.base import Generation, Score
 from dln_ens.lm.batching import chunks, common_prefix_len, pad, positions
-from dln_ens.lm.checkpoint import check_model_dir
+from dln_ens.lm.checkpoint import check_model_dir, unreadable_checkpoint
 from dln_ens.lm.loading import resolve_dtype
 from dln_ens.lm.stopping import continuation_texts, cut_at_stop, first_stop, sequence_seeds
 
@@ -61,15 +61,21 @@ class HFLanguageModel:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "auto", device_map=None,
-                        trust_remote_code: bool = False, name: str | None = None, batch_size: int = 16):
+                        trust_remote_code: bool = False, name: str | None = None, batch_size: int = 16,
+                        allow_pickle: bool = False):
         """Load a local checkpoint directory (never downloads). ``dtype="auto"`` keeps the
-        checkpoint's dtype; ``device_map`` (accelerate) places the model and overrides ``device``."""
+        checkpoint's dtype; ``device_map`` (accelerate) places the model and overrides ``device``.
+        Weights load from safetensors only, unless ``allow_pickle`` (pickle can run code)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = check_model_dir(path)
+        path = check_model_dir(path, allow_pickle)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), device_map=device_map,
-                                                     local_files_only=True, trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=resolve_dtype(dtype), device_map=device_map, local_files_only=True,
+                trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
+        except Exception as e:  # noqa: BLE001 - a damaged file: name it and the fix, not a traceback
+            raise unreadable_checkpoint(path, e) from e
         if device_map is None:
             model.to(device)
         return cls(model, tokenizer, name=name or path.name, batch_size=batch_size)

@@ -47,7 +47,7 @@ def _ensure_zoo(cfg: Config, hf_names: set[str]) -> None:
         print(f"models missing ({', '.join(missing)}): building the zoo in {cfg.zoo.dir}")
         build_zoo(cfg.zoo)
     for n in sorted(hf_names):
-        check_model_dir(cfg.backends[n].path, f"{cfg.source}: key 'backends.{n}.path'")
+        check_model_dir(cfg.backends[n].path, f"{cfg.source}: key 'backends.{n}.path'", cfg.backends[n].allow_pickle)
 
 
 def build_all(cfg: Config, force: bool = False, progress: bool = True) -> dict[str, dict[str, MemberStats]]:
