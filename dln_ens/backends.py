@@ -81,7 +81,7 @@ class BackendPool:
             return HFLanguageModel.from_pretrained(
                 b.path, device=b.device, dtype=b.dtype, device_map=b.device_map,
                 trust_remote_code=b.trust_remote_code, name=name, batch_size=b.batch_size,
-                allow_pickle=b.allow_pickle)
+                allow_pickle=b.allow_pickle, context_limit=b.context_limit, truncate=b.truncate)
         if isinstance(b, ModBackend):
             from dln_ens.mod.model import DepthEnsembleLanguageModel
             base = self.get(b.base)

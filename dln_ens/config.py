@@ -60,6 +60,8 @@ class HFBackend:
     trust_remote_code: bool = False
     batch_size: int = field(default=16, metadata=at_least(1))
     allow_pickle: bool = False       # load pytorch_model.bin (pickle: can run code) when no safetensors
+    context_limit: Union[int, None] = field(default=None, metadata=at_least(2))   # None = max_position_embeddings
+    truncate: Literal["error", "left"] = "error"   # examples longer than the limit: refuse, or keep their end
 
 
 @dataclass

@@ -21,6 +21,7 @@ from dln_ens.config import Config, check_names, config_to_dict
 from dln_ens.data import Task, load_task
 from dln_ens.fingerprint import backend_fingerprint, combine, task_fingerprint
 from dln_ens.io import atomic_write_text, markdown_table, write_jsonl
+from dln_ens.lm.context import ContextLengthError
 from dln_ens.rundir import lock_run_dir
 
 
@@ -86,17 +87,21 @@ def _evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool, tasks
             t0 = time.perf_counter()
             prompts = forward_prompts(task, examples, ev.instructions.get(task_name))
             preds = []
+            truncated_before = getattr(lm, "truncated", 0)
             with tqdm(total=len(prompts), desc=f"eval {backend} on {task_name}", leave=False) as bar:
                 for i in range(0, len(prompts), ev.batch_size):
-                    preds += predict(lm, task, prompts[i:i + ev.batch_size], ev.max_new_tokens,
-                                     ev.batch_size)
+                    try:
+                        preds += predict(lm, task, prompts[i:i + ev.batch_size], ev.max_new_tokens,
+                                         ev.batch_size)
+                    except ContextLengthError as e:   # name the example in the split, not in the batch
+                        raise e.within(prompts[i:i + ev.batch_size], i, f"task {task_name!r} ({ev.split} split)") from None
                     bar.update(len(prompts[i:i + ev.batch_size]))
             seconds = time.perf_counter() - t0
             correct = [task.is_correct(p, ex.target) for p, ex in zip(preds, examples)]
             row = {**describe_backend(cfg, backend), "task": task_name,
                    "instruction": ev.instructions.get(task_name, task.instruction), "split": ev.split,
                    "n": len(examples), "accuracy": round(float(np.mean(correct)) if correct else 0.0, 4),
-                   "seconds": round(seconds, 2)}
+                   "truncated": getattr(lm, "truncated", 0) - truncated_before, "seconds": round(seconds, 2)}
             write_jsonl(cells_dir / f"{stem}.predictions.jsonl",
                         [{"input": ex.input, "target": ex.target, "prediction": p, "correct": c}
                          for ex, p, c in zip(examples, preds, correct)])
@@ -109,5 +114,5 @@ def _evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool, tasks
 
 def eval_table(rows: list[dict]) -> str:
     cols = ["backend", "type", "method", "lr", "steps", "matrix", "union_topk", "task", "instruction", "n",
-            "accuracy", "seconds"]
+            "accuracy", "truncated", "seconds"]
     return markdown_table(rows, cols)

@@ -39,6 +39,7 @@ from dln_ens.ensemble.align import TokenTrack, final_text, visible_text
 from dln_ens.fusion.methods import Fusion, needs_matrices
 from dln_ens.lm.base import Generation, Score
 from dln_ens.lm.batching import chunks, pad, positions
+from dln_ens.lm.context import ContextLengthError, cut_text_left
 from dln_ens.lm.hf import candidate_logprobs, check_candidates, pick_tokens, sampling_seeds
 from dln_ens.lm.stopping import cut_at_stop, first_stop
 from dln_ens.relrep.vocab import token_surfaces
@@ -141,6 +142,7 @@ class EnsembleLanguageModel:
                              union_topk=union_topk, tail_mass=tail_mass, max_support=max_support,
                              surfaces=surf, tokens=toks, device=compute_device)
         self.compute_device = self.fusion.device
+        self.truncated = 0   # examples cut on the left (members with truncate="left")
 
     def _load_matrices(self, matrices, params: dict | None):
         if matrices is None:
@@ -158,6 +160,37 @@ class EnsembleLanguageModel:
                 raise ValueError(f"{self.name}: the matrix of {n!r} has {mats[n].num_rows} rows but the model "
                                  f"has {self.members[n].vocab_size} logits; rebuild with `sh sh/mat.sh`")
         return mats
+
+    # ---- context limits ----------------------------------------------------------------------
+
+    def _positions(self, name: str, text: str, reserve: int, generating: bool) -> int:
+        """Positions member ``name`` needs for ``text`` plus ``reserve`` new main tokens; while
+        generating, another member is given two tokens per main token (its tokens of the same
+        text may be more; a member that still runs out fails with a ContextLengthError)."""
+        member = self.members[name]
+        extra = 2 * reserve if generating and name != self.main else reserve
+        return len(member.nonempty(member.encode(text))) + extra
+
+    def fit_text(self, index: int, text: str, tail: str, reserve: int, what: str, generating: bool = False) -> str:
+        """``text`` such that every member fits ``text + tail`` plus ``reserve`` positions in its
+        context limit: unchanged, cut on the left when every member that overflows has policy
+        "left" (counted in ``truncated``), else a ContextLengthError naming the member."""
+        limits = {n: m.context_limit for n, m in self.members.items() if getattr(m, "context_limit", None)}
+        over = [(n, need, limits[n]) for n in limits
+                if (need := self._positions(n, text + tail, reserve, generating)) > limits[n]]
+        if not over:
+            return text
+        for n, need, limit in over:
+            if getattr(self.members[n], "truncate", "error") == "error":
+                raise ContextLengthError(n, index, need, limit, what, text=text)
+        fits = lambda t: all(self._positions(n, t + tail, reserve, generating) <= limit   # noqa: E731
+                             for n, limit in limits.items())
+        cut = cut_text_left(text, fits)
+        if cut is None:
+            n, need, limit = over[0]
+            raise ContextLengthError(n, index, need, limit, what + " (even with the input cut away)", text=text)
+        self.truncated += 1
+        return cut
 
     # ---- one batch of sequences -------------------------------------------------------------
 
@@ -225,9 +258,13 @@ class EnsembleLanguageModel:
             shown = [visible_text(prompt_bytes[r] + gen[r]) for r in rows] if self.others else []
             for n in self.others:
                 keep, new = [], []
-                for tr, text in zip(tracks[n], shown):
+                limit = getattr(self.members[n], "context_limit", None)
+                for j, (tr, text) in enumerate(zip(tracks[n], shown)):
                     old = len(tr.ids)
                     k = tr.update(text)
+                    if limit is not None and len(tr.ids) > limit:   # its tokens grew faster than the main's
+                        raise ContextLengthError(n, rows[j], len(tr.ids), limit, "the prompt + the text generated so far",
+                                                 text=texts[rows[j]])
                     if k < old and k == len(tr.ids):   # rolled back to a shorter sequence: re-feed its last token
                         k -= 1
                     keep.append(k)
@@ -244,10 +281,15 @@ class EnsembleLanguageModel:
         seeds = sampling_seeds(temperature, seed, prompts)
         main = self.main_member
         out: list[Generation | None] = [None] * len(prompts)
+        reserve = max(max_new_tokens - 1, 0)
         for idx in chunks(list(range(len(prompts))), self.batch_size):
-            texts = [prompts[i] for i in idx]
+            texts = [self.fit_text(i, prompts[i], "", reserve, f"a prompt + max_new_tokens={max_new_tokens}",
+                                   generating=True) for i in idx]
             main_ids = [main.nonempty(ids) for ids in main.encode_many(texts)]
-            ids, lps, gen = self._run(texts, main_ids, max_new_tokens, stop, temperature, [seeds[i] for i in idx])
+            try:
+                ids, lps, gen = self._run(texts, main_ids, max_new_tokens, stop, temperature, [seeds[i] for i in idx])
+            except ContextLengthError as e:
+                raise e.at(idx[e.index]) from None
             for j, i in enumerate(idx):
                 out[i] = Generation(text=cut_at_stop(final_text(gen[j]), stop), logprob=float(sum(lps[j])),
                                     num_tokens=len(ids[j]))
@@ -259,6 +301,7 @@ class EnsembleLanguageModel:
         conditioned on exactly the text before each target token, tokenised as in generation.
         ``"fast"``: one forward per member over context + target, read where that member has a
         token boundary at the prefix's end; prefixes without such a boundary are run exactly."""
+        contexts = [self.fit_text(i, c, t, -1, "a context + target") for i, (c, t) in enumerate(zip(contexts, targets))]
         split = self.main_member.split_pairs_with_text(contexts, targets)
         pairs = [(ctx, tgt) for _, ctx, tgt in split]
         out = [Score(0.0, 0)] * len(pairs)
@@ -322,7 +365,7 @@ class EnsembleLanguageModel:
         main = self.main_member
         out = torch.empty((len(contexts), self.vocab_size), dtype=torch.float32)
         for idx in chunks(list(range(len(contexts))), self.batch_size):
-            texts = [contexts[i] for i in idx]
+            texts = [self.fit_text(i, contexts[i], "", 0, "a context") for i in idx]
             _, lanes = self._start(texts, [main.nonempty(ids) for ids in main.encode_many(texts)])
             out[idx] = self._fused(lanes).cpu()
         return out

@@ -81,6 +81,7 @@ class DepthEnsembleLanguageModel(HFLanguageModel):
         super().__init__(base.model, base.tokenizer, name=name or f"{base.name}+{variant_name(k_last, router, top_k)}",
                          batch_size=getattr(base, "batch_size", 16))
         self.base, self.access = base, access
+        self.context_limit, self.truncate = base.context_limit, base.truncate   # the base's policy
         self.k_last, self.router, self.top_k = k_last, router, top_k
         self.model.requires_grad_(False)
         self.head = DepthHead(access, k_last, router).to(access.lm_head.weight.device)
