@@ -60,6 +60,9 @@ def cmd_run(args) -> int:
         if do_dln:
             from dln_ens.dln.run import check_dln_run
             plan = check_dln_run(cfg, run_dir, resume=not args.fresh)
+        from dln_ens.relrep.cli import check_matrices
+        check_matrices(cfg, (cfg.eval.backends if do_eval else []) + [
+            n for s in (cfg.dln.systems if do_dln else []) for n in (s.backend, s.hidden_backend, s.proposer, s.posterior) if n])
         write_json(run_dir / "config.json", config_to_dict(cfg))
         if do_eval:
             from dln_ens.evaluate import eval_table, evaluate

@@ -103,3 +103,38 @@ def test_ensembles_sharing_a_folder_need_the_same_settings(model_dirs, tmp_path)
     data["backends"]["e2"]["topk"] = 16
     with pytest.raises(ConfigError, match=r"key 'backends.e2.matrices'.*ensemble 'e1', which differs in topk"):
         parse_config(data)
+
+
+def test_a_format_1_build_is_replaced_without_foreign_file_errors(members, tmp_path):
+    """Folders built before manifests listed their members; their files count as the build's."""
+    build_matrices(members, tmp_path, topk=4, min_anchors=10, progress=False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    old = {k: v for k, v in meta.items() if k not in ("files", "complete", "checksums")} | {"format": 1}
+    (tmp_path / "meta.json").write_text(json.dumps(old))
+    with pytest.raises(StaleMatricesError, match="matrix format 1"):
+        load_matrices(tmp_path, members)
+    build_matrices({"bpe": members["bpe"]}, tmp_path, topk=4, min_anchors=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["anchors.json", "bpe.safetensors", "meta.json"]
+
+
+def test_run_with_changed_matrix_settings_writes_no_config(model_dirs, tmp_path, capsys):
+    from dln_ens.cli import main
+    mat = tmp_path / "mat"
+    build_all(_cfg(model_dirs, mat), progress=False)
+
+    def conf(eval_backend, **ens):
+        data = {"name": "r", "runs_dir": str(tmp_path / "runs"), "backends": {
+            "a": {"type": "hf", "path": str(model_dirs["a"])}, "b": {"type": "hf", "path": str(model_dirs["b"])},
+            "ens": {"type": "ensemble", "members": ["a", "b"], "main": "a", "matrices": str(mat),
+                    "topk": 8, "min_anchors": 10, **ens}},
+            "eval": {"tasks": ["navigate"], "backends": [eval_backend], "num_examples": 2, "max_new_tokens": 2}}
+        path = tmp_path / f"{eval_backend}.json"
+        path.write_text(json.dumps(data))
+        return str(path)
+
+    assert main(["run", "--conf", conf("a")]) == 0
+    written = (tmp_path / "runs" / "r" / "config.json").read_text()
+    capsys.readouterr()
+    assert main(["run", "--conf", conf("ens", topk=4)]) == 2
+    assert "built with other settings (topk: built with 8, the config asks for 4)" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "r" / "config.json").read_text() == written

@@ -226,7 +226,7 @@ def tune_mod_from_config(cfg) -> TuneResult:
                           f"{hb.path}; a MoD head needs its own directory (e.g. {default_head_dir(hb.path, mb.k_last, mb.router, mb.top_k)})")
     base = HFLanguageModel.from_pretrained(hb.path, device=hb.device, dtype=hb.dtype, device_map=hb.device_map,
                                            trust_remote_code=hb.trust_remote_code, name=mb.base,
-                                           batch_size=hb.batch_size)
+                                           batch_size=hb.batch_size, allow_pickle=hb.allow_pickle)
     mod = DepthEnsembleLanguageModel(base, mb.k_last, mb.router, mb.top_k, name=name)
     task = load_task(tm.task)
     result = tune_mod(mod, task, out_dir=out_dir, epochs=tm.epochs, lr=tm.lr, lambda_kd=tm.lambda_kd,

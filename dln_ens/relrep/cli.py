@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dln_ens.config import Config, ConfigError, HFBackend, ModBackend, check_model_dir
+from dln_ens.config import Config, ConfigError, EnsembleBackend, HFBackend, ModBackend, check_model_dir
 from dln_ens.relrep.build import MemberStats, build_matrices, build_params
-from dln_ens.relrep.store import staleness
+from dln_ens.relrep.store import check_built, staleness
 
 VALUE_DTYPE = "float16"
 
@@ -14,6 +14,16 @@ VALUE_DTYPE = "float16"
 def matrix_params(b) -> dict:
     """The build settings of an ensemble backend's matrices (checked again on load)."""
     return build_params(b.temperature, b.topk, b.num_anchors, b.anchors, VALUE_DTYPE)
+
+
+def check_matrices(cfg: Config, backends: list[str]) -> None:
+    """Before a run writes anything: the ensembles among ``backends`` (and their sub-backends)
+    that read matrices have a finished build with the config's settings and intact files."""
+    from dln_ens.fusion.methods import needs_matrices
+    for name in dict.fromkeys(backends):
+        b = cfg.backends[name]
+        if isinstance(b, EnsembleBackend) and needs_matrices(b.method, b.members, b.lr, b.steps):
+            check_built(b.matrices, b.members, matrix_params(b))
 
 
 def _size(n: int) -> str:

@@ -162,8 +162,7 @@ def read_meta(directory: str | Path) -> dict:
     directory = Path(directory)
     path = directory / "meta.json"
     if not path.is_file():
-        what = "an interrupted build" if any(directory.glob("*.safetensors")) else "no matrices"
-        raise StaleMatricesError(f"{directory}: {what} (no meta.json); {REBUILD}")
+        raise StaleMatricesError(f"{directory}: no finished matrix build (no meta.json); {REBUILD}")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -226,6 +225,23 @@ def is_up_to_date(directory: str | Path, members: dict, params: dict) -> bool:
     return staleness(directory, members, params) is None
 
 
+def check_built(directory: str | Path, members: list[str], params: dict) -> None:
+    """What can be checked without the models: a finished build for these members, with these
+    settings, whose files match their checksums (`load_matrices` checks the rest)."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    why = params_diff(meta["params"], params)
+    if why:
+        raise StaleMatricesError(f"{directory}: built with other settings ({why}); {REBUILD}")
+    for m in members:
+        if m not in meta["checksums"]:
+            raise StaleMatricesError(f"{directory}: no matrix for member {m!r} (built for "
+                                     f"{', '.join(meta['members'])}); {REBUILD}")
+        why = _checksum_problem(directory, meta, m)
+        if why:
+            raise StaleMatricesError(f"{directory}: the matrix of member {m!r} is damaged: {why}; {REBUILD}")
+
+
 def load_matrices(directory: str | Path, members: dict, params: dict | None = None
                   ) -> tuple[dict[str, RelRepMatrix], Anchors]:
     """The matrices of ``members`` (name -> HFLanguageModel-like; a subset of the built members
@@ -233,22 +249,13 @@ def load_matrices(directory: str | Path, members: dict, params: dict | None = No
     the caller expects, e.g. {"topk": 64, "temperature": 100.0}), each matrix's checksum and
     each member's fingerprint."""
     directory = Path(directory)
+    check_built(directory, list(members), params or {})
     meta = read_meta(directory)
-    if params:
-        why = params_diff(meta["params"], params)
-        if why:
-            raise StaleMatricesError(f"{directory}: built with other settings ({why}); {REBUILD}")
     out = {}
     for m, member in members.items():
-        if m not in meta["fingerprints"]:
-            raise StaleMatricesError(f"{directory}: no matrix for member {m!r} (built for "
-                                     f"{', '.join(meta['members'])}); {REBUILD}")
         why = _diff(meta["fingerprints"][m], _member_fingerprint(m, member))
         if why:
             raise StaleMatricesError(f"{directory}: the matrix of member {m!r} is stale: {why}; {REBUILD}")
-        why = _checksum_problem(directory, meta, m)
-        if why:
-            raise StaleMatricesError(f"{directory}: the matrix of member {m!r} is damaged: {why}; {REBUILD}")
         path = directory / f"{m}.safetensors"
         try:
             t = load_file(path)
