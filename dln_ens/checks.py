@@ -15,18 +15,20 @@ class SettingError(UserError, ValueError):
 
 def check_number(key: str, value, *, ge=None, gt=None, le=None, lt=None, integer: bool = False,
                  optional: bool = False):
-    """``value`` itself when it is a finite number within the bounds (None when ``optional``)."""
+    """``value`` itself when it is a finite number within the bounds (None when ``optional``).
+    The message starts with ``key`` (nothing when empty: the caller names the key)."""
     if value is None and optional:
         return value
+    key = f"{key} " if key else ""
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise SettingError(f"{key} must be {kind}{' or None' if optional else ''}, got {value!r}")
+        raise SettingError(f"{key}must be {kind}{' or None' if optional else ''}, got {value!r}")
     if not math.isfinite(value):
-        raise SettingError(f"{key} must be a finite number, got {value}")
+        raise SettingError(f"{key}must be a finite number, got {value}")
     for bound, ok, words in ((ge, lambda b: value >= b, "at least"), (gt, lambda b: value > b, "greater than"),
                              (le, lambda b: value <= b, "at most"), (lt, lambda b: value < b, "less than")):
         if bound is not None and not ok(bound):
-            raise SettingError(f"{key} must be {words} {bound}, got {value}")
+            raise SettingError(f"{key}must be {words} {bound}, got {value}")
     return value
 
 

@@ -319,7 +319,7 @@ def _check_field(f: dataclasses.Field, value: Any, where: str, ctx: "_Ctx") -> N
         bounds = f.metadata.get("check")
         if bounds and value is not None:
             for key, v in (value.items() if isinstance(value, dict) else [(None, value)]):
-                check_number("value" if key is None else f"value of {key!r}", v, **bounds)
+                check_number("" if key is None else f"the value of {key!r}", v, **bounds)
     except SettingError as e:
         raise ctx.error(where, str(e)) from None
 

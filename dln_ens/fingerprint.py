@@ -10,8 +10,10 @@
   matrices) plus its resolved settings;
 - ``combine``: one digest of named parts.
 
-Digests of files are memoised per process by (path, size, mtime, ctime, inode), so a run that
-fingerprints the same checkpoint for several cells reads it once.
+Digests of files are memoised by (path, size, mtime, ctime, inode): per process, and for large
+files (a checkpoint: hashing runs at a few hundred MiB/s) also across runs in
+``$DLN_ENS_CACHE/file_digests.json`` (default ``~/.cache/dln-ens``). Any write, rename or
+chmod of a file changes its ctime, which no tool can set back, so a stale digest is never reused.
 """
 from __future__ import annotations
 
@@ -23,6 +25,32 @@ from typing import Any
 
 _FILE_MEMO: dict[tuple, str] = {}
 CHUNK = 1 << 22
+PERSIST_BYTES = 64 << 20   # files at least this large keep their digest across runs
+_persisted: dict[str, str] | None = None
+
+
+def _cache_file() -> Path:
+    return Path(os.environ.get("DLN_ENS_CACHE") or Path.home() / ".cache" / "dln-ens") / "file_digests.json"
+
+
+def _persisted_digests() -> dict[str, str]:
+    global _persisted
+    if _persisted is None:
+        try:
+            _persisted = json.loads(_cache_file().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            _persisted = {}
+    return _persisted
+
+
+def _remember(key: tuple, digest: str) -> None:
+    from dln_ens.io import write_json
+    cache = _persisted_digests()
+    cache[json.dumps(key)] = digest
+    try:
+        write_json(_cache_file(), cache, indent=0)
+    except OSError:
+        pass   # a read-only home: digests are recomputed next time
 
 
 def combine(parts: Any) -> str:
@@ -36,13 +64,20 @@ def file_digest(path: str | os.PathLike) -> str:
     path = Path(path)
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    if key not in _FILE_MEMO:
+    if key in _FILE_MEMO:
+        return _FILE_MEMO[key]
+    large = st.st_size >= PERSIST_BYTES
+    digest = _persisted_digests().get(json.dumps(key)) if large else None
+    if digest is None:
         h = hashlib.blake2b(digest_size=16)
         with open(path, "rb") as f:
             while chunk := f.read(CHUNK):
                 h.update(chunk)
-        _FILE_MEMO[key] = h.hexdigest()
-    return _FILE_MEMO[key]
+        digest = h.hexdigest()
+        if large:
+            _remember(key, digest)
+    _FILE_MEMO[key] = digest
+    return digest
 
 
 def folder_digest(folder: str | os.PathLike) -> dict[str, str]:

@@ -120,3 +120,22 @@ def test_changed_weights_recompute_the_eval_cell(tmp_path, tiny_gpt2_dir, data_f
     m.save_pretrained(model)                                   # same path, new weights
     ev.evaluate(parse_config(data), BackendPool(parse_config(data)), tmp_path / "runs" / "w")
     assert len(calls) > n
+
+
+def test_large_file_digests_persist_but_never_go_stale(tmp_path, monkeypatch):
+    import hashlib
+    from dln_ens import fingerprint as fp
+    monkeypatch.setenv("DLN_ENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fp, "PERSIST_BYTES", 1000)
+    monkeypatch.setattr(fp, "_persisted", None)
+    monkeypatch.setattr(fp, "_FILE_MEMO", {})
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"a" * 5000)
+    want = hashlib.blake2b(b"a" * 5000, digest_size=16).hexdigest()     # independent digest
+    assert fp.file_digest(f) == want and (tmp_path / "cache" / "file_digests.json").is_file()
+    monkeypatch.setattr(fp, "_FILE_MEMO", {})
+    monkeypatch.setattr(fp, "_persisted", None)
+    assert fp.file_digest(f) == want                                      # read back from the cache
+    with open(f, "r+b") as h:                                             # same size, changed in place
+        h.write(b"b")
+    assert fp.file_digest(f) == hashlib.blake2b(b"b" + b"a" * 4999, digest_size=16).hexdigest()

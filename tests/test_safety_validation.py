@@ -63,6 +63,18 @@ def test_python_api_refuses_the_same_values():
             build_matrices(members, "unused", **kwargs)
 
 
+def test_python_built_dln_settings_are_checked(tmp_path):
+    from dln_ens.config import ClassBackend, Config, DLNConfig, DLNSystem
+    from dln_ens.dln.run import run_dln
+    from dln_fake import FakePool
+    cfg = Config(name="r", backends={"fake": ClassBackend(type="class", class_="dln_fake:ScriptedLM")},
+                 dln=DLNConfig(task="navigate", posterior_temp=float("nan"), systems=[DLNSystem(name="s", backend="fake")]),
+                 runs_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"key 'dln.posterior_temp': must be a finite number, got nan"):
+        run_dln(cfg, FakePool())
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
 def test_generate_with_nan_temperature_is_a_clear_error(tiny_gpt2_dir):
     from dln_ens.lm.hf import HFLanguageModel
     lm = HFLanguageModel.from_pretrained(tiny_gpt2_dir)

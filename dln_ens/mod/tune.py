@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dln_ens.checks import check_number
 from dln_ens.data.task import Example, Task
 from dln_ens.lm.batching import common_prefix, pad
 from dln_ens.mod import heads
@@ -149,6 +150,11 @@ def tune_mod(mod: DepthEnsembleLanguageModel, task: Task, *, out_dir: str | Path
     are computed once when they fit in ``max_feature_bytes`` (else once per batch)."""
     if loss_on not in ("target", "all"):
         raise ValueError(f"loss_on must be 'target' or 'all', got {loss_on!r}")
+    check_number("epochs", epochs, ge=1, integer=True)
+    check_number("lr", lr, gt=0)
+    check_number("lambda_kd", lambda_kd, ge=0)
+    check_number("batch_size", batch_size, ge=1, integer=True)
+    check_number("patience", patience, ge=0, integer=True)
     if not task.train or not task.dev:
         raise ValueError(f"task {task.name!r} needs non-empty train and dev splits for tune-mod")
     t0 = time.time()
