@@ -5,8 +5,11 @@ never turns into NaN distributions, empty answers or a silent fall-back."""
 from __future__ import annotations
 
 import math
+import re
 
 from dln_ens.errors import UserError
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class SettingError(UserError, ValueError):
@@ -48,3 +51,12 @@ def check_fusion_steps(key: str, method: str, steps: int) -> None:
     if method == "deepen" and steps == 0:
         raise SettingError(f"{key} is 0, which makes method \"deepen\" the main member alone; use "
                            f"method \"main\" for that, or steps >= 1")
+
+
+def check_name(name) -> str:
+    """A name that becomes a file or folder name (run, backend, DLN system) cannot leave its
+    folder: letters, digits, '_', '.' and '-', starting with a letter or digit, no '..'."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise SettingError(f"{name!r} is not a safe name: use letters, digits, '_', '.' and '-', starting "
+                           f"with a letter or digit, without '/' or '..'")
+    return name

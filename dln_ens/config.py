@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
-from dln_ens.checks import SettingError, check_fusion_steps, check_number, check_weights
+from dln_ens.checks import SettingError, check_fusion_steps, check_name, check_number, check_weights
 from dln_ens.errors import UserError
 
 
@@ -313,15 +313,12 @@ def _parse_dataclass(cls: type, data: Any, where: str, ctx: "_Ctx") -> Any:
 
 def _check_field(f: dataclasses.Field, value: Any, where: str, ctx: "_Ctx") -> None:
     """The field's range / name metadata on a parsed value."""
-    try:
-        if f.metadata.get("name"):
-            check_name(where, value)
-        bounds = f.metadata.get("check")
-        if bounds and value is not None:
-            for key, v in (value.items() if isinstance(value, dict) else [(None, value)]):
-                check_number("" if key is None else f"the value of {key!r}", v, **bounds)
-    except SettingError as e:
-        raise ctx.error(where, str(e)) from None
+    if f.metadata.get("name"):
+        ctx.check(where, check_name, value)
+    bounds = f.metadata.get("check")
+    if bounds and value is not None:
+        for key, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+            ctx.check(where, lambda: check_number("" if key is None else f"the value of {key!r}", v, **bounds))
 
 
 def check_fields(obj: Any, where: str, source: str = "") -> None:
@@ -332,23 +329,12 @@ def check_fields(obj: Any, where: str, source: str = "") -> None:
         _check_field(f, getattr(obj, f.name), f"{where}.{_key(f)}" if where else _key(f), ctx)
 
 
-def check_name(where: str, name: str) -> None:
-    """A name that becomes a file or folder name must not leave its folder."""
-    from dln_ens.rundir import unsafe_name_reason
-    why = unsafe_name_reason(name)
-    if why:
-        raise SettingError(why)
-
-
 def check_names(cfg: "Config") -> None:
     """The run name, backend names and DLN system names of a config (built in Python or read)."""
     ctx = _Ctx(cfg.source)
     for where, name in ([("name", cfg.name)] + [(f"backends.{n}", n) for n in cfg.backends]
                         + [(f"dln.systems[{i}].name", s.name) for i, s in enumerate(cfg.dln.systems if cfg.dln else [])]):
-        try:
-            check_name(where, name)
-        except SettingError as e:
-            raise ctx.error(where, f"{e} (it names files and folders)") from None
+        ctx.check(where, check_name, name, note=" (it names files and folders)")
 
 
 def _fields(cls):
@@ -362,6 +348,13 @@ class _Ctx:
     def error(self, where: str, msg: str) -> ConfigError:
         return ConfigError(f"{self.source + ': ' if self.source else ''}key '{where}': {msg}")
 
+    def check(self, where: str, fn, *args, note: str = "") -> None:
+        """``fn(*args)``, a shared check (`dln_ens.checks`), with its SettingError as a ConfigError."""
+        try:
+            fn(*args)
+        except SettingError as e:
+            raise self.error(where, f"{e}{note}") from None
+
 
 def _parse_backends(data: Any, ctx: _Ctx) -> dict[str, Backend]:
     if not isinstance(data, dict) or not data:
@@ -369,10 +362,7 @@ def _parse_backends(data: Any, ctx: _Ctx) -> dict[str, Backend]:
     out = {}
     for name, b in data.items():
         where = f"backends.{name}"
-        try:
-            check_name(where, name)
-        except SettingError as e:
-            raise ctx.error(where, f"{e} (backend names name files and folders)") from None
+        ctx.check(where, check_name, name, note=" (backend names name files and folders)")
         if not isinstance(b, dict) or "type" not in b:
             raise ctx.error(where, "each backend needs \"type\": one of " + ", ".join(_BACKEND_TYPES))
         cls = _BACKEND_TYPES.get(b["type"])
@@ -425,8 +415,6 @@ def _check_references(cfg: Config, ctx: _Ctx, check_paths: bool) -> None:
                 check_model_dir(b.path, f"{ctx.source}: key '{where}.path'", b.allow_pickle)
         elif isinstance(b, ModBackend):
             need(f"{where}.base", b.base, (HFBackend,))
-            if b.k_last < 1:
-                raise ctx.error(f"{where}.k_last", "must be at least 1")
             if b.top_k is not None and not 1 <= b.top_k <= b.k_last:
                 raise ctx.error(f"{where}.top_k", f"must be between 1 and k_last={b.k_last}, or null")
             if check_paths and b.head is not None and not Path(b.head).exists():
@@ -447,12 +435,9 @@ def _check_references(cfg: Config, ctx: _Ctx, check_paths: bool) -> None:
                 if missing:
                     raise ctx.error(f"{where}.weights", f"no weight for member(s) {', '.join(missing)}; give "
                                     f"every member a weight, or null for uniform weights")
-            try:
-                check_weights("weights", b.weights)
-                if len(b.members) > 1:
-                    check_fusion_steps("steps", b.method, b.steps)
-            except SettingError as e:
-                raise ctx.error(f"{where}.{str(e).split()[0]}", str(e)) from None
+            ctx.check(f"{where}.weights", check_weights, "weights", b.weights)
+            if len(b.members) > 1:
+                ctx.check(f"{where}.steps", check_fusion_steps, "steps", b.method, b.steps)
         elif isinstance(b, ClassBackend):
             if ":" not in b.class_:
                 raise ctx.error(f"{where}.class", f"{b.class_!r} must look like 'package.module:ClassName'")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import sys
 import threading
@@ -25,22 +24,12 @@ from dln_ens.io import write_json
 
 LOCK_FILE = ".lock"
 HOLDER_FILE = ".lock.holder.json"
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 _held: dict[tuple[str, int], int] = {}   # (run dir, thread) -> depth
 
 
 class RunDirLockedError(UserError, RuntimeError):
     """Another run uses this run directory."""
-
-
-def unsafe_name_reason(name: str) -> str:
-    """Why ``name`` cannot name a file or folder of ours ('' when it can): letters, digits,
-    '_', '.', '-', starting with a letter or digit, no '..' (it must not leave its folder)."""
-    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
-        return (f"{name!r} is not a safe name: use letters, digits, '_', '.' and '-', starting with a "
-                f"letter or digit, without '/' or '..'")
-    return ""
 
 
 def _holder(run_dir: Path) -> str:
