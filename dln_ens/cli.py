@@ -43,21 +43,35 @@ def cmd_run(args) -> int:
     from dln_ens.backends import BackendPool
     from dln_ens.config import config_to_dict
     from dln_ens.io import write_json
+    from dln_ens.rundir import lock_run_dir
 
     cfg = _conf(args)
     pool = BackendPool(cfg)
     run_dir = Path(cfg.runs_dir) / cfg.name
-    write_json(run_dir / "config.json", config_to_dict(cfg))
     t0 = time.perf_counter()
     parts = args.only or ["eval", "dln"]
-    if "eval" in parts and cfg.eval is not None and cfg.eval.backends:
-        from dln_ens.evaluate import eval_table, evaluate
-        rows = evaluate(cfg, pool, run_dir, resume=not args.fresh)
-        print(f"\n## Backends on held-out tasks ({cfg.eval.split})\n")
-        print(eval_table(rows))
-    if "dln" in parts and cfg.dln is not None and cfg.dln.systems:
-        from dln_ens.dln.run import run_dln
-        run_dln(cfg, pool, run_dir, resume=not args.fresh)
+    do_eval = "eval" in parts and cfg.eval is not None and bool(cfg.eval.backends)
+    do_dln = "dln" in parts and cfg.dln is not None and bool(cfg.dln.systems)
+    with lock_run_dir(run_dir):   # one run at a time; checks first, then config.json, then work
+        tasks = plan = None
+        if do_eval:
+            from dln_ens.evaluate import load_eval_tasks
+            tasks = load_eval_tasks(cfg)
+        if do_dln:
+            from dln_ens.dln.run import check_dln_run
+            plan = check_dln_run(cfg, run_dir, resume=not args.fresh)
+        from dln_ens.relrep.cli import check_matrices
+        check_matrices(cfg, (cfg.eval.backends if do_eval else []) + [
+            n for s in (cfg.dln.systems if do_dln else []) for n in (s.backend, s.hidden_backend, s.proposer, s.posterior) if n])
+        write_json(run_dir / "config.json", config_to_dict(cfg))
+        if do_eval:
+            from dln_ens.evaluate import eval_table, evaluate
+            rows = evaluate(cfg, pool, run_dir, resume=not args.fresh, tasks=tasks)
+            print(f"\n## Backends on held-out tasks ({cfg.eval.split})\n")
+            print(eval_table(rows))
+        if do_dln:
+            from dln_ens.dln.run import run_dln
+            run_dln(cfg, pool, run_dir, resume=not args.fresh, plan=plan)
     print(f"run {cfg.name}: {time.perf_counter() - t0:.0f} s; results in {run_dir}/")
     return 0
 

@@ -17,8 +17,9 @@ from dln_ens.backend_types.ensemble import EnsembleBackend
 from dln_ens.backend_types.hf import HFBackend, require_model_dir
 from dln_ens.backend_types.mod import ModBackend
 from dln_ens.backend_types.user_class import ClassBackend
-from dln_ens.confparse import (ConfigError, Ctx, config_to_dict, parse_dataclass, read_json_with_comments,
-                               strip_comments)
+from dln_ens.checks import check_name
+from dln_ens.confparse import (ConfigError, Ctx, above, at_least, check_fields, config_to_dict, parse_dataclass,
+                               read_json_with_comments, strip_comments)
 
 __all__ = ["Config", "ConfigError", "ZooConfig", "EvalConfig", "DLNConfig", "DLNSystem", "TuneModConfig",
            "HFBackend", "ModBackend", "EnsembleBackend", "ClassBackend", "load_config", "parse_config",
@@ -43,9 +44,9 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["facts_qa", "navigate"])
     backends: list[str] = field(default_factory=list)
     split: Literal["dev", "test"] = "test"
-    num_examples: Union[int, None] = None     # None = the whole split
-    max_new_tokens: int = 16
-    batch_size: int = 16
+    num_examples: Union[int, None] = field(default=None, metadata=at_least(1))     # None = the whole split
+    max_new_tokens: int = field(default=16, metadata=at_least(1))
+    batch_size: int = field(default=16, metadata=at_least(1))
     # task name -> the instruction to evaluate under (default: the task's own instruction)
     instructions: dict[str, str] = field(default_factory=dict)
 
@@ -53,7 +54,7 @@ class EvalConfig:
 @dataclass
 class DLNSystem:
     """One DLN to train: its depth and which backend runs each part."""
-    name: str
+    name: str = field(metadata={"name": True})
     layers: Literal[1, 2] = 1
     backend: str = ""                # runs the forward layers
     hidden_backend: Union[str, None] = None    # DLN-2 hidden layer; None = `backend`
@@ -68,25 +69,25 @@ class DLNConfig:
     # minutes on a laptop CPU); the DLN paper uses far more samples and iterations.
     task: str = "navigate"
     systems: list[DLNSystem] = field(default_factory=list)
-    iters: int = 4
-    batch_size: int = 4
-    num_p_samples: int = 2          # proposals per layer and iteration (+ current + memory prompts)
-    num_h_samples: int = 2          # posterior samples of h per example (+ the forward h)
-    val_freq: int = 1
-    num_dev: Union[int, None] = 20
-    num_test: Union[int, None] = 50
+    iters: int = field(default=4, metadata=at_least(0))
+    batch_size: int = field(default=4, metadata=at_least(1))
+    num_p_samples: int = field(default=2, metadata=at_least(1))         # proposals per layer and iteration (+ current + memory prompts)
+    num_h_samples: int = field(default=2, metadata=at_least(0))         # posterior samples of h per example (+ the forward h)
+    val_freq: int = field(default=1, metadata=at_least(1))
+    num_dev: Union[int, None] = field(default=20, metadata=at_least(1))
+    num_test: Union[int, None] = field(default=50, metadata=at_least(1))
     scoring: Literal["logprob", "accuracy"] = "logprob"
-    posterior_temp: float = 1.0
-    trust_factor: float = 0.0
-    logp_penalty: float = 0.0
-    memory_size: int = 2
+    posterior_temp: float = field(default=1.0, metadata=above(0))
+    trust_factor: float = field(default=0.0, metadata=at_least(0))
+    logp_penalty: float = field(default=0.0, metadata=at_least(0))
+    memory_size: int = field(default=2, metadata=at_least(0))
     held_out_prompt_ranking: bool = False
     rewrite_wrong_only: bool = False
-    hidden_max_new_tokens: int = 48
-    output_max_new_tokens: int = 16
-    proposal_max_new_tokens: int = 32
-    proposal_temperature: float = 0.7
-    h_temperature: float = 0.7
+    hidden_max_new_tokens: int = field(default=48, metadata=at_least(1))
+    output_max_new_tokens: int = field(default=16, metadata=at_least(1))
+    proposal_max_new_tokens: int = field(default=32, metadata=at_least(1))
+    proposal_temperature: float = field(default=0.7, metadata=at_least(0))
+    h_temperature: float = field(default=0.7, metadata=at_least(0))
     templates: str = "v1"
     template_dir: Union[str, None] = None   # a user folder of extra templates
     seed: int = 0
@@ -97,7 +98,7 @@ class DLNConfig:
     # the paper's backward template is "q_action_prompt" (v1); the compact version fits 512 positions
     proposal_template: str = "q_action_prompt:v1-short"
     posterior_template: str = "suffix_forward_tbs_y"   # q(h | x, y)
-    proposal_max_examples: Union[int, None] = 2    # examples shown per proposal (errors first); None = batch
+    proposal_max_examples: Union[int, None] = field(default=2, metadata=at_least(1))   # examples shown per proposal (errors first); None = batch
     hidden_prompt: Union[str, None] = None   # initial DLN-2 first-layer prompt; None = task instruction
     length_normalize: bool = True            # free-text log-likelihoods per token (DLN scorer)
     task_kwargs: dict = field(default_factory=dict)   # passed to load_task (e.g. root, seed)
@@ -118,22 +119,22 @@ class LoraSettings:
 class TuneModConfig:
     backend: str = ""                # a `mod` backend; its head is written beside its base
     task: str = "facts_qa"
-    epochs: int = 3
-    lr: float = 1e-3
-    lambda_kd: float = 0.1
-    batch_size: int = 16
-    patience: int = 2
+    epochs: int = field(default=3, metadata=at_least(1))
+    lr: float = field(default=1e-3, metadata=above(0))
+    lambda_kd: float = field(default=0.1, metadata=at_least(0))
+    batch_size: int = field(default=16, metadata=at_least(1))
+    patience: int = field(default=2, metadata=at_least(1))
     lora: Union[LoraSettings, Literal[False], None] = None   # null or false = MoD head only (base frozen)
     train_head: bool = True                        # false (with lora, k_last 1): plain LoRA, head frozen
     seed: int = 0
     loss_on: Literal["target", "all"] = "target"   # answer tokens only, or every token
-    max_train_examples: Union[int, None] = None    # None = the whole train split
-    max_dev_examples: Union[int, None] = 200       # held-out loss for early stopping
+    max_train_examples: Union[int, None] = field(default=None, metadata=at_least(1))   # None = the whole train split
+    max_dev_examples: Union[int, None] = field(default=200, metadata=at_least(1))      # held-out loss for early stopping
 
 
 @dataclass
 class Config:
-    name: str
+    name: str = field(metadata={"name": True})   # the run directory's name (runs/<name>/)
     backends: dict[str, Backend]
     zoo: Union[ZooConfig, None] = None
     eval: Union[EvalConfig, None] = None
@@ -154,6 +155,7 @@ def _parse_backends(data: Any, ctx: Ctx) -> dict[str, Backend]:
     out = {}
     for name, b in data.items():
         where = f"backends.{name}"
+        ctx.check(where, check_name, name, note=" (backend names name files and folders)")
         if not isinstance(b, dict) or "type" not in b:
             raise ctx.error(where, "each backend needs \"type\": one of " + ", ".join(BACKEND_TYPES))
         kind = BACKEND_TYPES.get(b["type"])
@@ -190,9 +192,18 @@ def check_context(cfg: Config, check_paths: bool = True) -> CheckContext:
     return CheckContext(cfg.source, cfg.backends, BACKEND_TYPES, check_paths)
 
 
+def check_names(cfg: Config) -> None:
+    """The run name, backend names and DLN system names of a config (built in Python or read)."""
+    ctx = Ctx(cfg.source)
+    for where, name in ([("name", cfg.name)] + [(f"backends.{n}", n) for n in cfg.backends]
+                        + [(f"dln.systems[{i}].name", s.name) for i, s in enumerate(cfg.dln.systems if cfg.dln else [])]):
+        ctx.check(where, check_name, name, note=" (it names files and folders)")
+
+
 def _check_references(cfg: Config, ctx: CheckContext) -> None:
     for name, b in cfg.backends.items():
         BACKEND_TYPES[b.type].check(b, name, ctx)
+    _check_shared_matrices(cfg, ctx)
     if cfg.eval is not None:
         for i, n in enumerate(cfg.eval.backends):
             ctx.need(f"eval.backends[{i}]", n)
@@ -218,13 +229,34 @@ def _check_references(cfg: Config, ctx: CheckContext) -> None:
             raise ConfigError(f"{ctx.source}: {e}") from None
 
 
+_MATRIX_SETTINGS = ("members", "temperature", "topk", "num_anchors", "anchors")
+
+
+def _check_shared_matrices(cfg: Config, ctx: CheckContext) -> None:
+    """Ensembles whose methods read matrices may share a matrices folder only with the same
+    members and build settings (else each `mat` rebuilds the other's matrices, and loading
+    refuses them)."""
+    from pathlib import Path
+    first: dict[Path, str] = {}
+    for name, b in cfg.ensembles().items():
+        if not b.uses_matrices():
+            continue
+        folder = Path(b.matrices).resolve()
+        if folder not in first:
+            first[folder] = name
+            continue
+        other = cfg.backends[first[folder]]
+        value = lambda x, k: sorted(x.members) if k == "members" else getattr(x, k)  # noqa: E731
+        differ = [k for k in _MATRIX_SETTINGS if value(b, k) != value(other, k)]
+        if differ:
+            raise ctx.error(f"backends.{name}.matrices", f"{b.matrices} is also the matrices folder of "
+                            f"ensemble {first[folder]!r}, which differs in {', '.join(differ)}; each build would "
+                            f"replace the other's matrices. Give each ensemble its own folder")
+
+
 def check_tune_mod_config(t: TuneModConfig, where: str = "tune_mod") -> None:
     """Value checks of a tune_mod section (also run by `tune_mod` for settings built in Python)."""
-    for key, low in (("epochs", 1), ("batch_size", 1), ("patience", 1)):
-        if getattr(t, key) < low:
-            raise ConfigError(f"key '{where}.{key}': must be at least {low}, got {getattr(t, key)}")
-    if t.lr <= 0:
-        raise ConfigError(f"key '{where}.lr': must be > 0, got {t.lr}")
+    check_fields(t, where)   # the range metadata of every field
     if not t.train_head and not t.lora:
         raise ConfigError(f"key '{where}.train_head': false leaves nothing to train without LoRA; "
                           f"add \"lora\": {{\"r\": 8}} or set \"train_head\": true")
@@ -248,18 +280,7 @@ def check_lora_settings(s: LoraSettings, where: str = "tune_mod.lora") -> None:
 
 def check_dln_config(d: DLNConfig, where: str = "dln") -> None:
     """Value checks of a DLN section (also run by `run_dln` for configs built in Python)."""
-    if d.proposal_max_examples is not None and d.proposal_max_examples < 1:
-        raise ConfigError(f"key '{where}.proposal_max_examples': must be at least 1 or null")
-    for key, low in (("iters", 0), ("batch_size", 1), ("num_p_samples", 1), ("num_h_samples", 0),
-                     ("val_freq", 1), ("memory_size", 0), ("hidden_max_new_tokens", 1),
-                     ("output_max_new_tokens", 1), ("proposal_max_new_tokens", 1)):
-        if getattr(d, key) < low:
-            raise ConfigError(f"key '{where}.{key}': must be at least {low}, got {getattr(d, key)}")
-    if d.posterior_temp <= 0:
-        raise ConfigError(f"key '{where}.posterior_temp': must be > 0")
-    for key in ("trust_factor", "logp_penalty", "proposal_temperature", "h_temperature"):
-        if getattr(d, key) < 0:
-            raise ConfigError(f"key '{where}.{key}': must be >= 0")
+    check_fields(d, where)   # the range metadata of every field
     if not d.systems:
         raise ConfigError(f"key '{where}.systems': empty; add e.g. {{\"name\": \"dln1\", \"layers\": 1, "
                           f"\"backend\": \"<backend name>\"}}")

@@ -11,17 +11,32 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from dln_ens.checks import SettingError, check_name, check_number
 from dln_ens.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
     """A configuration problem, with file, key path and how to fix it in the message."""
+
+
+# Range metadata on schema fields, checked by the parser on every value read (and by
+# `check_fields` for configs built in Python): {"check": bounds for `checks.check_number`}; None
+# stays allowed where the type allows it; the values of a dict are checked one by one.
+# {"name": True}: a safe name (`checks.check_name`).
+
+def at_least(low) -> dict:
+    return {"check": {"ge": low}}
+
+
+def above(low) -> dict:
+    return {"check": {"gt": low}}
 
 
 def read_json_with_comments(path: str) -> Any:
@@ -108,6 +123,8 @@ def _coerce(value: Any, tp: Any, where: str, ctx: "Ctx") -> Any:
         return {k: _coerce(v, vt, f"{where}.{k}", ctx) for k, v in value.items()}
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ctx.error(where, f"must be a finite number, got {value}")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -135,9 +152,28 @@ def parse_dataclass(cls: type, data: Any, where: str, ctx: "Ctx") -> Any:
         sub = f"{where}.{k}" if where else k
         if k in data:
             kwargs[f.name] = _coerce(data[k], hints[f.name], sub, ctx)
+            _check_field(f, kwargs[f.name], sub, ctx)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ctx.error(sub, f"missing required key; add \"{k}\": {type_name(hints[f.name])}")
     return cls(**kwargs)
+
+
+def _check_field(f: dataclasses.Field, value: Any, where: str, ctx: "Ctx") -> None:
+    """The field's range / name metadata on a parsed value."""
+    if f.metadata.get("name"):
+        ctx.check(where, check_name, value)
+    bounds = f.metadata.get("check")
+    if bounds and value is not None:
+        for key, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+            ctx.check(where, lambda: check_number("" if key is None else f"the value of {key!r}", v, **bounds))
+
+
+def check_fields(obj: Any, where: str, source: str = "") -> None:
+    """Range and name metadata of a config dataclass built in Python (the parser checks the
+    same while reading a file)."""
+    ctx = Ctx(source)
+    for f in fields_of(type(obj)):
+        _check_field(f, getattr(obj, f.name), f"{where}.{key_of(f)}" if where else key_of(f), ctx)
 
 
 def fields_of(cls):
@@ -149,7 +185,14 @@ class Ctx:
     source: str
 
     def error(self, where: str, msg: str) -> ConfigError:
-        return ConfigError(f"{self.source}: key '{where}': {msg}")
+        return ConfigError(f"{self.source + ': ' if self.source else ''}key '{where}': {msg}")
+
+    def check(self, where: str, fn, *args, note: str = "") -> None:
+        """``fn(*args)``, a shared check (`dln_ens.checks`), with its SettingError as a ConfigError."""
+        try:
+            fn(*args)
+        except SettingError as e:
+            raise self.error(where, f"{e}{note}") from None
 
 
 def config_to_dict(cfg: Any) -> Any:

@@ -4,11 +4,11 @@ This is the members-versus-ensemble comparison of the default run. A task with o
 is scored by `next_token_logprobs` over its verbalizers (argmax); a task without classes by
 greedy `generate` up to the end of the line, compared after the task's normalisation.
 Each (backend, task) result is written atomically as soon as it is done, so an interrupted run
-picks up where it stopped.
+picks up where it stopped; a saved cell is reused only when its key (the resolved settings, the
+backend's fingerprint: weights, MoD head, matrices, and the task's examples) is unchanged.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -17,9 +17,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dln_ens.backends import BackendPool, describe_backend
-from dln_ens.config import Config, config_to_dict
+from dln_ens.config import Config, check_names, config_to_dict
 from dln_ens.data import Task, load_task
+from dln_ens.fingerprint import backend_fingerprint, combine, task_fingerprint
 from dln_ens.io import atomic_write_text, markdown_table, write_jsonl
+from dln_ens.lm.context import ContextLengthError
+from dln_ens.rundir import lock_run_dir
 
 
 def forward_prompts(task: Task, examples, prompt: str | None = None) -> list[str]:
@@ -43,26 +46,37 @@ def predict(lm, task: Task, prompts: list[str], max_new_tokens: int, batch_size:
     return preds
 
 
-def _cell_key(cfg: Config, backend: str, task: str) -> str:
+def _cell_key(cfg: Config, backend: str, task_name: str, task: Task) -> str:
     """Changes whenever anything that could change the cell's result changes."""
     ev = cfg.eval
-    blob = json.dumps([config_to_dict(cfg.backends), backend, task, ev.split, ev.num_examples,
-                       ev.max_new_tokens, ev.instructions.get(task)], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return combine([config_to_dict(cfg.backends), backend, task_name, ev.split, ev.num_examples,
+                    ev.max_new_tokens, ev.instructions.get(task_name), backend_fingerprint(cfg, backend),
+                    task_fingerprint(task)])[:16]
 
 
-def evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool = True) -> list[dict]:
+def load_eval_tasks(cfg: Config) -> dict[str, Task]:
+    """The evaluation's tasks, loaded (and so checked) before anything runs."""
+    return {name: load_task(name) for name in cfg.eval.tasks}
+
+
+def evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool = True,
+             tasks: dict[str, Task] | None = None) -> list[dict]:
+    """Each backend of ``cfg.eval`` on each task; ``tasks``: what `load_eval_tasks` returned."""
+    check_names(cfg)
+    with lock_run_dir(run_dir):
+        return _evaluate(cfg, pool, Path(run_dir), resume, tasks if tasks is not None else load_eval_tasks(cfg))
+
+
+def _evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool, tasks: dict[str, Task]) -> list[dict]:
     ev = cfg.eval
-    run_dir = Path(run_dir)
     cells_dir = run_dir / "eval"
     cells_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    tasks = {name: load_task(name) for name in ev.tasks}
     for backend in ev.backends:
         for task_name, task in tasks.items():
             stem = f"{backend}__{task_name.replace('/', '_')}"
             cell = cells_dir / f"{stem}.json"
-            key = _cell_key(cfg, backend, task_name)
+            key = _cell_key(cfg, backend, task_name, task)
             if resume and cell.exists():
                 saved = json.loads(cell.read_text())
                 if saved.get("key") == key:
@@ -73,17 +87,21 @@ def evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool = True)
             t0 = time.perf_counter()
             prompts = forward_prompts(task, examples, ev.instructions.get(task_name))
             preds = []
+            truncated_before = getattr(lm, "truncated", 0)
             with tqdm(total=len(prompts), desc=f"eval {backend} on {task_name}", leave=False) as bar:
                 for i in range(0, len(prompts), ev.batch_size):
-                    preds += predict(lm, task, prompts[i:i + ev.batch_size], ev.max_new_tokens,
-                                     ev.batch_size)
+                    try:
+                        preds += predict(lm, task, prompts[i:i + ev.batch_size], ev.max_new_tokens,
+                                         ev.batch_size)
+                    except ContextLengthError as e:   # name the example in the split, not in the batch
+                        raise e.within(prompts[i:i + ev.batch_size], i, f"task {task_name!r} ({ev.split} split)") from None
                     bar.update(len(prompts[i:i + ev.batch_size]))
             seconds = time.perf_counter() - t0
             correct = [task.is_correct(p, ex.target) for p, ex in zip(preds, examples)]
             row = {**describe_backend(cfg, backend), "task": task_name,
                    "instruction": ev.instructions.get(task_name, task.instruction), "split": ev.split,
                    "n": len(examples), "accuracy": round(float(np.mean(correct)) if correct else 0.0, 4),
-                   "seconds": round(seconds, 2)}
+                   "truncated": getattr(lm, "truncated", 0) - truncated_before, "seconds": round(seconds, 2)}
             write_jsonl(cells_dir / f"{stem}.predictions.jsonl",
                         [{"input": ex.input, "target": ex.target, "prediction": p, "correct": c}
                          for ex, p, c in zip(examples, preds, correct)])
@@ -98,5 +116,5 @@ def eval_table(rows: list[dict]) -> str:
     """Backend, fusion method and every fusion setting some row has, task, accuracy."""
     from dln_ens.fusion.registry import setting_names
     cols = ["backend", "type", "method", *setting_names(), "matrix", "task", "instruction", "n", "accuracy",
-            "seconds"]
+            "truncated", "seconds"]
     return markdown_table(rows, cols)

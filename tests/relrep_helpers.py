@@ -112,3 +112,14 @@ def tiny_member(tokenizer, extra_rows: int = 3, d: int = 32, seed: int = 0, tied
         V = w.shape[0]
         w.copy_((torch.randn(V, 4) @ torch.randn(4, d) + 0.3 * torch.randn(V, d)).to(dtype))
     return SimpleNamespace(model=model, tokenizer=tokenizer)
+
+
+def save_members(root: Path) -> dict[str, Path]:
+    """Two tiny checkpoints with different tokenizers saved like real ones: {"a": dir, "b": dir}."""
+    out = {}
+    for name, tok, seed in (("a", train_byte_bpe(), 1), ("b", train_metaspace_bpe(), 2)):
+        m = tiny_member(tok, seed=seed)
+        m.model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = root / name
+    return out

@@ -261,8 +261,8 @@ def test_members_that_cannot_change_the_result_are_not_run(members, matdir, monk
 
 def test_settings_are_refused_in_the_python_api_as_in_the_config(members, matdir):
     from dln_ens.fusion.base import SettingsError
-    for bad, words in (({"lr": float("nan")}, "finite"), ({"steps": -1}, ">= 0"), ({"tail_mass": 1.0}, "< 1"),
-                       ({"lr_": 0.1}, "did you mean 'lr'"), ({"weights": {"bpe": 0.0, "sp": 0.0}}, "positive sum")):
+    for bad, words in (({"lr": float("nan")}, "finite"), ({"steps": -1}, "at least 0"), ({"tail_mass": 1.0}, "less than 1"),
+                       ({"lr_": 0.1}, "did you mean 'lr'"), ({"weights": {"bpe": 0.0, "sp": 0.0}}, "sum to 0")):
         with pytest.raises(SettingsError, match=words):
             EnsembleLanguageModel({"bpe": members["bpe"], "sp": members["sp"]}, main="bpe", matrices=matdir, **bad)
     with pytest.raises(SettingsError, match="unknown fusion method 'mean'"):

@@ -5,21 +5,14 @@ import json
 import pytest
 import torch
 
-from relrep_helpers import tiny_member, train_byte_bpe, train_metaspace_bpe
+from relrep_helpers import save_members
 from dln_ens.config import parse_config
 from dln_ens.relrep.cli import build_all
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for name, tok, seed in (("a", train_byte_bpe(), 1), ("b", train_metaspace_bpe(), 2)):
-        m = tiny_member(tok, seed=seed)
-        m.model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        out[name] = root / name
-    return out
+    return save_members(tmp_path_factory.mktemp("models"))
 
 
 def _cfg(model_dirs, mat_dir, **ens):

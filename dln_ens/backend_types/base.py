@@ -9,20 +9,16 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dln_ens.confparse import ConfigError
+from dln_ens.confparse import Ctx
 
 
 @dataclass
-class CheckContext:
+class CheckContext(Ctx):
     """Config-time checks of one file: errors name the file and key; references to other
     backends are resolved through ``need``."""
-    source: str
-    backends: dict[str, Any]          # name -> parsed schema instance
-    types: dict[str, "BackendType"]
+    backends: dict[str, Any] = None          # name -> parsed schema instance
+    types: dict[str, "BackendType"] = None
     check_paths: bool = True
-
-    def error(self, where: str, msg: str) -> ConfigError:
-        return ConfigError(f"{self.source}: key '{where}': {msg}")
 
     def need(self, where: str, name: str | None, types: tuple[str, ...] = ()) -> Any:
         """The backend ``name`` refers to; it must exist (and be of one of ``types`` if given)."""
@@ -64,3 +60,6 @@ class BackendType:
     not_member: str = ""
     # the `hf` backend whose embeddings (and tokenizer) its relative-representation matrix uses
     embeddings: Callable[[Any, str], str | None] = lambda b, name: None
+    # what its outputs depend on beyond its settings, for cache keys: (config, fingerprint of
+    # another backend by name) -> {part: digest}; e.g. a checkpoint's files (`dln_ens.fingerprint`)
+    depends_on: Callable[[Any, Callable[[str], dict]], dict] = lambda b, other: {}

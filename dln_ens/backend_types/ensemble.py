@@ -1,10 +1,11 @@
 """``ensemble``: DeePEn-style fusion of members with different vocabularies (`EnsembleLanguageModel`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Union
 
 from dln_ens.backend_types.base import BackendType, CheckContext
+from dln_ens.confparse import above, at_least
 from dln_ens.ensemble.options import EnsembleOptions
 
 
@@ -15,14 +16,20 @@ class EnsembleBackend(EnsembleOptions):
     main: str                        # the member whose vocabulary the fused distribution uses
     matrices: str                    # directory built by `sh sh/mat.sh`
     # matrix build (`dln-ens mat`)
-    temperature: float = 100.0
-    topk: Union[int, None] = 64      # None = dense matrices
-    min_anchors: int = 100
-    num_anchors: Union[int, None] = None   # keep the n most consistent anchors; None = all
+    temperature: float = field(default=100.0, metadata=above(0))
+    topk: Union[int, None] = field(default=64, metadata=at_least(1))      # None = dense matrices
+    min_anchors: int = field(default=100, metadata=at_least(1))
+    num_anchors: Union[int, None] = field(default=None, metadata=at_least(1))   # the n most consistent; None = all
     anchors: Union[str, None] = None       # a fixed anchors.json for controlled comparisons
 
     def options(self) -> EnsembleOptions:
         return EnsembleOptions(**{f: getattr(self, f) for f in EnsembleOptions.__dataclass_fields__})
+
+    def matrix_params(self) -> dict:
+        """The build settings of this ensemble's matrices (recorded in meta.json, checked on load)."""
+        from dln_ens.relrep.build import build_params
+        from dln_ens.relrep.cli import VALUE_DTYPE
+        return build_params(self.temperature, self.topk, self.num_anchors, self.anchors, VALUE_DTYPE)
 
     def uses_matrices(self) -> bool:
         from dln_ens.fusion.registry import fusion_class, fusion_settings
@@ -64,7 +71,8 @@ def _validate(b: EnsembleBackend, name: str, ctx: CheckContext) -> None:
 def _build(b: EnsembleBackend, pool, name: str):
     from dln_ens.ensemble.model import EnsembleLanguageModel
     members = {m: pool.get(m) for m in b.members}
-    return EnsembleLanguageModel(members, main=b.main, matrices=b.matrices, options=b.options(), name=name)
+    return EnsembleLanguageModel(members, main=b.main, matrices=b.matrices, options=b.options(), name=name,
+                                 matrix_params=b.matrix_params())
 
 
 def _describe(b: EnsembleBackend) -> dict:
@@ -78,5 +86,15 @@ def _describe(b: EnsembleBackend) -> dict:
     return info
 
 
+def _depends_on(b: EnsembleBackend, other) -> dict:
+    """Its members, and its matrices (their meta.json holds a checksum of each matrix)."""
+    from pathlib import Path
+    from dln_ens.fingerprint import file_digest
+    meta = Path(b.matrices) / "meta.json"
+    return {"members": {m: other(m) for m in b.members},
+            "matrices": file_digest(meta) if b.uses_matrices() and meta.is_file() else None}
+
+
 TYPE = BackendType(schema=EnsembleBackend, build=_build, describe=_describe, check=_check, validate=_validate,
+                   depends_on=_depends_on,
                    not_member="fuse the members of both ensembles in one instead")

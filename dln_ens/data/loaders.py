@@ -36,12 +36,30 @@ class DataError(UserError, ValueError):
     """A data file problem, naming the file (and line) and what is wrong."""
 
 
+class MissingDataError(DataError, FileNotFoundError):
+    """A data file that is not there."""
+
+
 # ----------------------------------------------------------------------------- reading
 
 def _need(path: Path) -> Path:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; {FETCH_HINT}")
+        raise MissingDataError(f"{path}: data file not found; {FETCH_HINT}")
     return path
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as UTF-8, or a DataError naming the file and the first bad byte."""
+    data = _need(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        f"re-save the file as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty; {FETCH_HINT}")
+    return text
 
 
 def _check_record(rec, where: str, required: dict[str, type]) -> dict:
@@ -59,15 +77,14 @@ def _check_record(rec, where: str, required: dict[str, type]) -> dict:
 def read_jsonl_records(path: Path, required: dict[str, type]) -> list[tuple[int, dict]]:
     """(line number, record) for each non-blank line."""
     out = []
-    with open(_need(path), encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            out.append((lineno, _check_record(rec, f"{path}:{lineno}", required)))
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):   # not splitlines: U+2028 is text
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        out.append((lineno, _check_record(rec, f"{path}:{lineno}", required)))
     return out
 
 
@@ -99,7 +116,7 @@ def _object_lines(text: str, depth: int) -> list[int]:
 
 def read_json_records(path: Path, required: dict[str, type], key: str | None = None) -> list[tuple[int, dict]]:
     """(line number, record) for the array at the top level or under ``key``."""
-    text = _need(path).read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -110,6 +127,8 @@ def read_json_records(path: Path, required: dict[str, type], key: str | None = N
         data = data[key]
     if not isinstance(data, list):
         raise DataError(f"{path}:1: expected a list of records{f' under {key!r}' if key else ''}")
+    if not data:
+        raise DataError(f"{path}: no records{f' under {key!r}' if key else ''}; {FETCH_HINT}")
     lines = _object_lines(text, 2 if key else 1)
     if len(lines) != len(data):   # non-object items or other nested objects: fall back to indices
         lines = [0] * len(data)
@@ -243,8 +262,12 @@ def load_bbh(task: str, root: str = DEFAULT_ROOT, seed: int = 0) -> Task:
     examples = [Example(r["input"], r["target"]) for _, r in recs]
     classes, normalize = None, normalize_answer
     if kind == "mc":
-        letters = {m for e in examples for m in re.findall(r"^\(([A-Z])\)", e.input, re.M)}
-        letters |= {e.target.strip("()") for e in examples}
+        offered = [set(re.findall(r"^(\([A-Z]\))", e.input, re.M)) for e in examples]
+        for (line, _), e, options in zip(recs, examples, offered):
+            if e.target not in options:
+                raise DataError(f"{path}:{line}: target {e.target!r} is not one of the options its input "
+                                f"offers ({', '.join(sorted(options)) or 'none'}); fix or remove the record")
+        letters = {o[1] for options in offered for o in options}
         classes = [f"({chr(c)})" for c in range(ord("A"), ord(max(letters)) + 1)]
         normalize = normalize_choice
     elif kind == "number":

@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import warnings
 from typing import Callable
 
 from dln_ens.data.task import Task
+from dln_ens.errors import UserError
 
 _LOADERS: dict[str, Callable[..., Task]] = {}
 _LOADER_MODULES = ("dln_ens.data.synthetic", "dln_ens.data.loaders")
+
+
+class EmptySplitError(UserError, ValueError):
+    pass
+
+
+class UnknownTaskError(UserError, KeyError):
+    def __str__(self) -> str:   # KeyError would print the message in quotes
+        return str(self.args[0])
 
 
 def register_task(name: str):
@@ -37,11 +48,34 @@ def task_names() -> list[str]:
     return sorted(_LOADERS)
 
 
-def load_task(name: str, **kwargs) -> Task:
-    """Load a task by registered name; kwargs (seed, root, sizes...) go to its loader."""
+def load_task(name: str, drop_dev_test_overlap: bool = False, **kwargs) -> Task:
+    """Load a task by registered name; kwargs (seed, root, sizes...) go to its loader.
+
+    Every split must hold examples. Dev examples whose input also appears in test (some public
+    task files share items) are reported with a warning and counted in ``meta["dev_test_overlap"]``;
+    ``drop_dev_test_overlap=True`` removes them from dev."""
     _import_loaders()
     if name not in _LOADERS:
         close = difflib.get_close_matches(name, list(_LOADERS), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(sorted(_LOADERS))}")
-    return _LOADERS[name](**kwargs)
+        raise UnknownTaskError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(sorted(_LOADERS))}")
+    task = _LOADERS[name](**kwargs)
+    source = task.meta.get("source", "its loader")
+    for split in ("train", "dev", "test"):
+        if not getattr(task, split):
+            raise EmptySplitError(f"task {name!r} ({source}): the {split} split is empty "
+                                  f"({len(task.train)}/{len(task.dev)}/{len(task.test)} train/dev/test "
+                                  f"examples); the data files hold too few records")
+    test_inputs = {ex.input for ex in task.test}
+    shared = [ex for ex in task.dev if ex.input in test_inputs]
+    task.meta["dev_test_overlap"] = len(shared)
+    if shared and drop_dev_test_overlap:
+        task.dev = [ex for ex in task.dev if ex.input not in test_inputs]
+        task.meta["dev_test_overlap_dropped"] = len(shared)
+        if not task.dev:
+            raise EmptySplitError(f"task {name!r} ({source}): every dev example is also in test")
+    elif shared:
+        warnings.warn(f"task {name!r} ({source}): {len(shared)} of {len(task.dev)} dev examples also appear "
+                      f"in test (same input); pass drop_dev_test_overlap=True (in a config: \"task_kwargs\": "
+                      f"{{\"drop_dev_test_overlap\": true}}) to remove them from dev")
+    return task

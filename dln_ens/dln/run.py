@@ -1,8 +1,9 @@
 """`run_dln`: train every DLN system of a config, log each iteration, resume, summarise.
 
-Run directory (``runs/<name>/`` by default)::
+Run directory (``runs/<name>/`` by default), locked for the length of the run
+(`dln_ens.rundir`)::
 
-    config.json                 the resolved config
+    config.json                 the resolved config (written once every check has passed)
     dln_<system>.jsonl          one line per iteration (iteration 0 = the initial prompts):
                                 candidates with their ELBOs, chosen prompts, train loss,
                                 dev accuracy when validated, backend calls and seconds
@@ -12,12 +13,13 @@ Run directory (``runs/<name>/`` by default)::
     summary.md                  the same as a Markdown table (also printed)
 
 All randomness is derived from (seed, iteration, stage), so a run interrupted at any point and
-resumed ends with the same prompts and accuracies as an uninterrupted one.
+resumed ends with the same prompts and accuracies as an uninterrupted one. A saved state
+resumes only when the fingerprints it was made with (resolved settings, the task's examples,
+each backend's files: weights, MoD head, matrices) are unchanged.
 """
 from __future__ import annotations
 
 import json
-import hashlib
 import os
 import re
 import time
@@ -25,7 +27,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dln_ens.config import Config, ConfigError, DLNConfig, DLNSystem, check_dln_config, config_to_dict
+from dln_ens.config import (Config, ConfigError, DLNConfig, DLNSystem, check_dln_config, check_names,
+                            config_to_dict)
 from dln_ens.data.registry import load_task
 from dln_ens.data.task import Task
 from dln_ens.dln.calls import CountingLM, diff_snapshots
@@ -34,7 +37,9 @@ from dln_ens.dln.network import DeepLanguageNetwork
 from dln_ens.dln.samplers import PosteriorSampler, PromptProposer
 from dln_ens.dln.templates import TemplateLibrary
 from dln_ens.dln.trainer import VariationalTrainer, batch_indices
+from dln_ens.fingerprint import backend_fingerprint, combine, task_fingerprint
 from dln_ens.io import atomic_write_text, markdown_table, read_jsonl, write_json, write_jsonl
+from dln_ens.rundir import lock_run_dir
 
 
 # ----------------------------------------------------------------------------- files
@@ -83,32 +88,82 @@ def build_system(system: DLNSystem, dcfg: DLNConfig, task: Task, get_backend, li
 
 # ----------------------------------------------------------------------------- the run
 
-def run_dln(cfg: Config, pool, run_dir: Path | None = None, resume: bool = True) -> dict:
-    """Train every system of ``cfg.dln`` on its task; ``pool.get(name)`` gives the backends.
-    Returns {"run_dir", "task", "systems": {name: {...}}, "summary"}."""
+def _template_specs(dcfg: DLNConfig, system: DLNSystem) -> list[str]:
+    if system.layers == 1:
+        return [dcfg.output_template, dcfg.proposal_template]
+    return [dcfg.residual_template, dcfg.hidden_template, dcfg.posterior_template, dcfg.proposal_template]
+
+
+def _system_fingerprint(cfg: Config, system: DLNSystem, task: Task, settings: str) -> dict:
+    used = sorted({n for n in (system.backend, system.hidden_backend, system.proposer, system.posterior) if n})
+    return {"settings": settings, "task": task_fingerprint(task),
+            **{f"backend {n}": combine(backend_fingerprint(cfg, n)) for n in used if n in cfg.backends}}
+
+
+def _changed(old: dict | None, new: dict, task: str) -> str:
+    if not old or old.get("settings") != new["settings"]:
+        return "different backends or DLN settings"
+    parts = [f"other data for task {task!r} (a data file changed)" if k == "task" else
+             f"other files for {k} (model weights, MoD head or matrices changed)"
+             for k in new if k != "settings" and old.get(k) != new[k]]
+    return "; ".join(parts) or "different backends or DLN settings"
+
+
+def check_dln_run(cfg: Config, run_dir: Path, resume: bool = True) -> dict:
+    """Every check of a DLN run that loads no model, before anything is written: settings and
+    names, every system's task (an unknown or empty task fails before any system trains), its
+    templates, and that saved state in ``run_dir`` belongs to this experiment. Returns what the
+    run needs: {"splits": {task: (task, dev, test)}, "library", "fingerprints": {system: parts}}."""
     if cfg.dln is None:
         raise ConfigError(f"{cfg.source}: no \"dln\" section; add one (see conf/default.json)")
     dcfg = cfg.dln
     check_dln_config(dcfg)
-    run_dir = Path(run_dir) if run_dir is not None else Path(cfg.runs_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = config_to_dict(cfg)
-    write_json(run_dir / "config.json", resolved)
-    fingerprint = experiment_fingerprint(resolved)
-
+    check_names(cfg)
     splits: dict[str, tuple] = {}   # task name -> (task, dev, test), each loaded once
-
-    def task_splits(name: str) -> tuple:
+    for system in dcfg.systems:
+        name = system.task or dcfg.task
         if name not in splits:
             task = load_task(name, **dcfg.task_kwargs)
             dev = task.dev[:dcfg.num_dev] if dcfg.num_dev is not None else task.dev
             test = task.test[:dcfg.num_test] if dcfg.num_test is not None else task.test
-            if not dev or not test:
-                raise ConfigError(f"task {task.name!r}: empty dev ({len(dev)}) or test ({len(test)}) split")
+            if not task.train or not dev or not test:
+                raise ConfigError(f"task {task.name!r}: empty train ({len(task.train)}), dev ({len(dev)}) or "
+                                  f"test ({len(test)}) split; check its data files or num_dev / num_test")
             splits[name] = (task, dev, test)
-        return splits[name]
-
     library = TemplateLibrary(dcfg.templates, dcfg.template_dir)
+    settings = experiment_fingerprint(config_to_dict(cfg))
+    fingerprints = {}
+    for system in dcfg.systems:
+        for spec in _template_specs(dcfg, system):
+            library.get(spec)
+        task = splits[system.task or dcfg.task][0]
+        fingerprints[system.name] = parts = _system_fingerprint(cfg, system, task, settings)
+        state_path = Path(run_dir) / f"dln_{_safe(system.name)}.state.json"
+        if resume and state_path.exists():
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+            if state.get("fingerprint") != combine(parts):
+                raise ConfigError(f"{state_path}: this run directory holds a run of system {system.name!r} "
+                                  f"made with {_changed(state.get('fingerprint_parts'), parts, task.name)}; "
+                                  f"resuming would mix two experiments. Use another \"name\", or start over "
+                                  f"with resume=False (dln-ens run --fresh)")
+    return {"splits": splits, "library": library, "fingerprints": fingerprints}
+
+
+def run_dln(cfg: Config, pool, run_dir: Path | None = None, resume: bool = True, plan: dict | None = None) -> dict:
+    """Train every system of ``cfg.dln`` on its task; ``pool.get(name)`` gives the backends.
+    ``plan``: what `check_dln_run` returned (checked again when None).
+    Returns {"run_dir", "task", "systems": {name: {...}}, "summary"}."""
+    check_names(cfg)   # before the run directory is created
+    run_dir = Path(run_dir) if run_dir is not None else Path(cfg.runs_dir) / cfg.name
+    with lock_run_dir(run_dir):
+        if plan is None:
+            plan = check_dln_run(cfg, run_dir, resume)
+        write_json(run_dir / "config.json", config_to_dict(cfg))
+        return _run_all(cfg, pool, run_dir, resume, plan)
+
+
+def _run_all(cfg: Config, pool, run_dir: Path, resume: bool, plan: dict) -> dict:
+    dcfg = cfg.dln
     counters: dict[int, CountingLM] = {}
 
     def get_backend(name: str) -> CountingLM:
@@ -117,10 +172,10 @@ def run_dln(cfg: Config, pool, run_dir: Path | None = None, resume: bool = True)
 
     results = {}
     for system in dcfg.systems:
-        task, dev, test = task_splits(system.task or dcfg.task)
+        task, dev, test = plan["splits"][system.task or dcfg.task]
         results[system.name] = {"task": task.name, "num_dev": len(dev), "num_test": len(test),
                                 **_run_system(system, dcfg, task, dev, test, get_backend, counters,
-                                              library, run_dir, resume, fingerprint)}
+                                              plan["library"], run_dir, resume, plan["fingerprints"][system.name])}
     summary = format_summary(results)
     write_json(run_dir / "best_prompts.json", {n: r["best_prompts"] for n, r in results.items()})
     write_json(run_dir / "results.json", {"task": dcfg.task, "systems": results})
@@ -131,12 +186,11 @@ def run_dln(cfg: Config, pool, run_dir: Path | None = None, resume: bool = True)
 
 def experiment_fingerprint(resolved: dict) -> str:
     """What a resumed run must share with the run it continues: backends and DLN settings."""
-    blob = json.dumps({k: resolved.get(k) for k in ("backends", "dln")}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return combine({k: resolved.get(k) for k in ("backends", "dln")})
 
 
 def _run_system(system, dcfg, task, dev, test, get_backend, counters, library, run_dir, resume,
-                fingerprint) -> dict:
+                fingerprint_parts) -> dict:
     network, trainer = build_system(system, dcfg, task, get_backend, library)
     log_path = run_dir / f"dln_{_safe(system.name)}.jsonl"
     state_path = run_dir / f"dln_{_safe(system.name)}.state.json"
@@ -153,21 +207,16 @@ def _run_system(system, dcfg, task, dev, test, get_backend, counters, library, r
             state["dev_cache"][key] = network.evaluate(dev, task.is_correct, desc=f"{system.name} dev")[0]
         return state["dev_cache"][key]
 
-    if state_path.exists():
+    if state_path.exists():   # check_dln_run has checked its fingerprint
         state = json.loads(state_path.read_text(encoding="utf-8"))
-        if state.get("fingerprint") != fingerprint:
-            raise ConfigError(f"{state_path}: this run directory holds a run of system {system.name!r} "
-                              f"with different backends or DLN settings; resuming would mix two "
-                              f"experiments. Use another \"name\", or start over with resume=False "
-                              f"(dln-ens run --fresh)")
         trainer.load_state_dict(state["trainer"])
         # drop log lines of an iteration that was logged but not checkpointed
         lines = [r for r in _read_log(log_path) if r["iteration"] <= state["iteration"]]
         write_jsonl(log_path, lines)
     else:
         log_path.unlink(missing_ok=True)
-        state = {"system": system.name, "fingerprint": fingerprint, "iteration": 0, "dev_cache": {},
-                 "done": False}
+        state = {"system": system.name, "fingerprint": combine(fingerprint_parts),
+                 "fingerprint_parts": fingerprint_parts, "iteration": 0, "dev_cache": {}, "done": False}
         init_dev = dev_accuracy(state)
         trainer.remember(network.prompts, init_dev)
         state.update(init={"prompts": network.prompts, "dev": init_dev},

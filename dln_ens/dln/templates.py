@@ -15,6 +15,8 @@ a template::
 
 Templates are named ``name`` (the version the config selects, ``DLNConfig.templates``) or
 ``name:version``. Rendering is exact: no stripping, a missing variable is an error.
+Templates render in Jinja2's immutable sandbox: a template (a user folder named in a config
+is as untrusted as the config) cannot reach Python internals, run commands or mutate data.
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
+import jinja2.sandbox
 import yaml
 from dln_ens.errors import UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "templates"
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                          autoescape=False)
+_ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined,
+                                                   keep_trailing_newline=True, autoescape=False)
 
 
 class TemplateError(UserError, ValueError):
@@ -51,6 +54,10 @@ class DLNTemplate:
         except jinja2.UndefinedError as e:
             raise TemplateError(f"template {self.name}:{self.version} ({self.source}): {e}; "
                                 f"pass it when rendering") from None
+        except jinja2.exceptions.SecurityError as e:
+            raise TemplateError(f"template {self.name}:{self.version} ({self.source}) tried an unsafe "
+                                f"operation ({e}); templates render in a sandbox: use only the fields "
+                                f"passed to them") from None
 
     @property
     def key(self) -> str:

@@ -41,6 +41,7 @@ from dln_ens.fusion.base import Vocab
 from dln_ens.fusion.registry import fusion_class, fusion_settings, make_fusion
 from dln_ens.lm.base import Generation, Score, missing_member_parts
 from dln_ens.lm.batching import chunks, pad, positions
+from dln_ens.lm.context import ContextLengthError, cut_text_left
 from dln_ens.lm.hf import candidate_logprobs, check_candidates, pick_tokens, sampling_seeds
 from dln_ens.lm.stopping import cut_at_stop, first_stop
 from dln_ens.relrep.vocab import token_surfaces
@@ -95,8 +96,10 @@ class _Lane:
 class EnsembleLanguageModel:
     """DeePEn-style fusion of local members (name -> `LocalMember`) over ``main``'s vocabulary.
 
-    matrices: directory built by ``sh sh/mat.sh`` (fingerprints checked) or a preloaded
-    {name: RelRepMatrix}; read only by methods that need them. Keyword arguments are the
+    matrices: directory built by ``sh sh/mat.sh`` (fingerprints, build settings and checksums
+    checked) or a preloaded {name: RelRepMatrix}; read only by methods that need them.
+    matrix_params: build settings the directory must have been built with (e.g. {"topk": 64,
+    "temperature": 100.0}; a config passes all of them). Keyword arguments are the
     `EnsembleOptions`, and any other keyword is a setting of the fusion method (``lr``,
     ``steps``, ``tail_mass``... see `fusion.registry`). Members the method does not read (all
     but the main one for ``main`` or ``lr=0``) are never run.
@@ -104,7 +107,7 @@ class EnsembleLanguageModel:
 
     def __init__(self, members: dict, main: str, matrices=None, weights: dict[str, float] | None = None,
                  method: str = "deepen", *, name: str | None = None, options: EnsembleOptions | None = None,
-                 **kwargs):
+                 matrix_params: dict | None = None, **kwargs):
         option_keys = {f.name for f in dataclasses.fields(EnsembleOptions)}
         opts = {k: v for k, v in kwargs.items() if k in option_keys}
         fusion = {k: v for k, v in kwargs.items() if k not in option_keys}
@@ -136,10 +139,11 @@ class EnsembleLanguageModel:
         self.surfaces = token_surfaces(self.main_member.tokenizer)
         cls = fusion_class(options.method)
         settings = fusion_settings(options.method, options.fusion, len(self.names))
-        mats = self._load_matrices(matrices) if cls.needs_matrices(settings, len(self.names)) else None
+        mats = self._load_matrices(matrices, matrix_params) if cls.needs_matrices(settings, len(self.names)) else None
         self.fusion = make_fusion(options.method, self.names, main, weights=options.weights, matrices=mats,
                                   vocab=self._vocab, device=options.compute_device, **options.fusion)
         self.compute_device = self.fusion.device
+        self.truncated = 0   # examples cut on the left (members with truncate="left")
 
     @property
     def others(self) -> list[str]:
@@ -151,14 +155,14 @@ class EnsembleLanguageModel:
         surf = token_surfaces(tok)
         return Vocab(surf, tok.convert_ids_to_tokens(list(range(len(surf)))))
 
-    def _load_matrices(self, matrices):
+    def _load_matrices(self, matrices, params: dict | None):
         """{member: RelRepMatrix}, checked against the members."""
         if matrices is None:
             raise ValueError(f"{self.name}: method 'deepen' needs relative-representation matrices "
                              f"(a directory built by `sh sh/mat.sh`, or a dict of RelRepMatrix)")
         if isinstance(matrices, (str, Path)):
             from dln_ens.relrep.store import load_matrices
-            mats, _ = load_matrices(matrices, self.members)
+            mats, _ = load_matrices(matrices, self.members, params)
         else:
             mats = dict(matrices)
         for n in self.names:
@@ -168,6 +172,38 @@ class EnsembleLanguageModel:
                 raise ValueError(f"{self.name}: the matrix of {n!r} has {mats[n].num_rows} rows but the model "
                                  f"has {self.members[n].vocab_size} logits; rebuild with `sh sh/mat.sh`")
         return mats
+
+    # ---- context limits ----------------------------------------------------------------------
+
+    def _positions(self, name: str, text: str, reserve: int, generating: bool) -> int:
+        """Positions member ``name`` needs for ``text`` plus ``reserve`` new main tokens; while
+        generating, another member is given two tokens per main token (its tokens of the same
+        text may be more; a member that still runs out fails with a ContextLengthError)."""
+        member = self.members[name]
+        extra = 2 * reserve if generating and name != self.main else reserve
+        return len(member.nonempty(member.encode(text))) + extra
+
+    def fit_text(self, index: int, text: str, tail: str, reserve: int, what: str, generating: bool = False) -> str:
+        """``text`` such that every member fits ``text + tail`` plus ``reserve`` positions in its
+        context limit: unchanged, cut on the left when every member that overflows has policy
+        "left" (counted in ``truncated``), else a ContextLengthError naming the member."""
+        run = self.fusion.active()     # members that do not run need no room
+        limits = {n: self.members[n].context_limit for n in run if getattr(self.members[n], "context_limit", None)}
+        over = [(n, need, limits[n]) for n in limits
+                if (need := self._positions(n, text + tail, reserve, generating)) > limits[n]]
+        if not over:
+            return text
+        for n, need, limit in over:
+            if getattr(self.members[n], "truncate", "error") == "error":
+                raise ContextLengthError(n, index, need, limit, what, text=text)
+        fits = lambda t: all(self._positions(n, t + tail, reserve, generating) <= limit   # noqa: E731
+                             for n, limit in limits.items())
+        cut = cut_text_left(text, fits)
+        if cut is None:
+            n, need, limit = over[0]
+            raise ContextLengthError(n, index, need, limit, what + " (even with the input cut away)", text=text)
+        self.truncated += 1
+        return cut
 
     # ---- one batch of sequences -------------------------------------------------------------
 
@@ -236,9 +272,13 @@ class EnsembleLanguageModel:
             shown = [visible_text(prompt_bytes[r] + gen[r]) for r in rows] if tracks else []
             for n in tracks:
                 keep, new = [], []
-                for tr, text in zip(tracks[n], shown):
+                limit = getattr(self.members[n], "context_limit", None)
+                for j, (tr, text) in enumerate(zip(tracks[n], shown)):
                     old = len(tr.ids)
                     k = tr.update(text)
+                    if limit is not None and len(tr.ids) > limit:   # its tokens grew faster than the main's
+                        raise ContextLengthError(n, rows[j], len(tr.ids), limit, "the prompt + the text generated so far",
+                                                 text=texts[rows[j]])
                     if k < old and k == len(tr.ids):   # rolled back to a shorter sequence: re-feed its last token
                         k -= 1
                     keep.append(k)
@@ -255,10 +295,15 @@ class EnsembleLanguageModel:
         seeds = sampling_seeds(temperature, seed, prompts)
         main = self.main_member
         out: list[Generation | None] = [None] * len(prompts)
+        reserve = max(max_new_tokens - 1, 0)
         for idx in chunks(list(range(len(prompts))), self.batch_size):
-            texts = [prompts[i] for i in idx]
+            texts = [self.fit_text(i, prompts[i], "", reserve, f"a prompt + max_new_tokens={max_new_tokens}",
+                                   generating=True) for i in idx]
             main_ids = [main.nonempty(ids) for ids in main.encode_many(texts)]
-            ids, lps, gen = self._run(texts, main_ids, max_new_tokens, stop, temperature, [seeds[i] for i in idx])
+            try:
+                ids, lps, gen = self._run(texts, main_ids, max_new_tokens, stop, temperature, [seeds[i] for i in idx])
+            except ContextLengthError as e:
+                raise e.at(idx[e.index]) from None
             for j, i in enumerate(idx):
                 out[i] = Generation(text=cut_at_stop(final_text(gen[j]), stop), logprob=float(sum(lps[j])),
                                     num_tokens=len(ids[j]))
@@ -270,6 +315,7 @@ class EnsembleLanguageModel:
         conditioned on exactly the text before each target token, tokenised as in generation.
         ``"fast"``: one forward per member over context + target, read where that member has a
         token boundary at the prefix's end; prefixes without such a boundary are run exactly."""
+        contexts = [self.fit_text(i, c, t, -1, "a context + target") for i, (c, t) in enumerate(zip(contexts, targets))]
         split = self.main_member.split_pairs_with_text(contexts, targets)
         pairs = [(ctx, tgt) for _, ctx, tgt in split]
         out = [Score(0.0, 0)] * len(pairs)
@@ -333,7 +379,7 @@ class EnsembleLanguageModel:
         main = self.main_member
         out = torch.empty((len(contexts), self.vocab_size), dtype=torch.float32)
         for idx in chunks(list(range(len(contexts))), self.batch_size):
-            texts = [contexts[i] for i in idx]
+            texts = [self.fit_text(i, contexts[i], "", 0, "a context") for i in idx]
             _, lanes = self._start(texts, [main.nonempty(ids) for ids in main.encode_many(texts)])
             out[idx] = self._fused(lanes).cpu()
         return out

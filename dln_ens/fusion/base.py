@@ -9,13 +9,13 @@ silently change the method, so the config and the Python API reject the same val
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
 
+from dln_ens.checks import SettingError, check_number, check_weights
 from dln_ens.relrep.matrix import RelRepMatrix
 
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
@@ -40,8 +40,9 @@ class FusionSetup:
     vocab: Callable[[str], Vocab] | None = None
 
 
-class SettingsError(ValueError):
-    """A fusion setting out of range; the message names the setting (``key``) and the allowed values."""
+class SettingsError(SettingError):
+    """An ensemble or fusion setting out of range; the message names the setting (``key``) and
+    the allowed values."""
 
     def __init__(self, msg: str, key: str | None = None):
         super().__init__(msg)
@@ -51,13 +52,11 @@ class SettingsError(ValueError):
 def check_finite(settings, key: str, low: float | None = None, *, strict: bool = False,
                  integer: bool = False) -> None:
     """``settings.key`` must be a finite number (an integer if asked) >= low (> low if strict)."""
-    v = getattr(settings, key)
-    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok_type or not math.isfinite(v):
-        kind = "an integer" if integer else "a finite number"
-        raise SettingsError(f"fusion setting {key!r} must be {kind}, got {v!r}", key)
-    if low is not None and (v <= low if strict else v < low):
-        raise SettingsError(f"fusion setting {key!r} must be {'>' if strict else '>='} {low}, got {v!r}", key)
+    try:
+        check_number(key, getattr(settings, key), ge=None if strict else low, gt=low if strict else None,
+                     integer=integer)
+    except SettingError as e:
+        raise SettingsError(str(e), key) from None
 
 
 class Fusion:
@@ -97,19 +96,23 @@ class Fusion:
 
 
 def normalise_weights(names: list[str], weights: dict[str, float] | None) -> list[float]:
+    """Weights in the order of ``names``, summing to 1 (None = uniform); each member needs one."""
     if weights is None:
         return [1.0 / len(names)] * len(names)
-    unknown = set(weights) - set(names)
-    missing = [n for n in names if n not in weights]
-    if unknown or missing:
-        raise SettingsError(f"ensemble weights must name exactly the members {names}: "
-                            f"unknown {sorted(unknown)}, missing {missing}", "weights")
-    w = [weights[n] for n in names]
-    if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0
-           for x in w) or sum(w) <= 0:
-        raise SettingsError(f"ensemble weights must be finite, >= 0 and with a positive sum, got {weights}",
+    unknown = [n for n in weights if n not in names]
+    if unknown:
+        raise SettingsError(f"weights name {', '.join(unknown)}, which are not members ({', '.join(names)})",
                             "weights")
-    return [float(x) / sum(w) for x in w]
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise SettingsError(f"no weight for member(s) {', '.join(missing)}; give every member a weight, "
+                            f"or null for uniform weights", "weights")
+    try:
+        check_weights("weights", weights)
+    except SettingError as e:
+        raise SettingsError(str(e), "weights") from None
+    total = sum(weights.values())
+    return [float(weights[n]) / total for n in names]
 
 
 def canonical_ids(surfaces: list[bytes | None], tokens: list[str | None], width: int) -> dict[bytes, int]:

@@ -31,8 +31,11 @@ class DeepenFusion(Fusion):
             check_finite(self, "steps", 0, integer=True)
             check_finite(self, "tail_mass", 0.0)
             check_finite(self, "max_support", 1, integer=True)
+            if num_members > 1 and self.steps == 0:
+                raise SettingsError("steps is 0, which makes method \"deepen\" the main member alone; use "
+                                    "method \"main\" for that (or lr 0), or steps >= 1", "steps")
             if self.tail_mass >= 1:
-                raise SettingsError(f"fusion setting 'tail_mass' must be < 1 (0 = exact), got {self.tail_mass}",
+                raise SettingsError(f"tail_mass must be less than 1 (0 = exact), got {self.tail_mass}",
                                     "tail_mass")
 
     @classmethod

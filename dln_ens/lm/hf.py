@@ -22,9 +22,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dln_ens.checks import SettingError, check_number
 from dln_ens.lm.base import Generation, Score
 from dln_ens.lm.batching import chunks, common_prefix_len, pad, positions
-from dln_ens.lm.checkpoint import check_model_dir
+from dln_ens.lm.checkpoint import check_model_dir, unreadable_checkpoint
+from dln_ens.lm.context import ContextLengthError, check_policy, keep_end
 from dln_ens.lm.loading import resolve_dtype
 from dln_ens.lm.stopping import continuation_texts, cut_at_stop, first_stop, sequence_seeds
 
@@ -33,8 +35,7 @@ PROMPT_TAIL = 4  # prompt tokens decoded with the continuation so its first piec
 
 class HFLanguageModel:
     def __init__(self, model, tokenizer, name: str | None = None, batch_size: int = 16):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_number("batch_size", batch_size, ge=1, integer=True)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
@@ -53,6 +54,8 @@ class HFLanguageModel:
         self.pad_token_id = next((t for t in (tokenizer.pad_token_id, self.eos_token_id) if t is not None), 0)
 
         self.max_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.context_limit, self.truncate = self.max_length, "error"   # see `set_context`
+        self.truncated = 0   # examples cut on the left so far (truncate="left")
         model_args = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in model_args else "past_key_values"  # transformers 5 renamed it
         self._model_keeps_logits = "logits_to_keep" in model_args
@@ -61,18 +64,49 @@ class HFLanguageModel:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "auto", device_map=None,
-                        trust_remote_code: bool = False, name: str | None = None, batch_size: int = 16):
+                        trust_remote_code: bool = False, name: str | None = None, batch_size: int = 16,
+                        allow_pickle: bool = False, context_limit: int | None = None, truncate: str = "error"):
         """Load a local checkpoint directory (never downloads). ``dtype="auto"`` keeps the
-        checkpoint's dtype; ``device_map`` (accelerate) places the model and overrides ``device``."""
+        checkpoint's dtype; ``device_map`` (accelerate) places the model and overrides ``device``.
+        Weights load from safetensors only, unless ``allow_pickle`` (pickle can run code).
+        ``context_limit`` / ``truncate``: see `set_context`."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = check_model_dir(path)
+        path = check_model_dir(path, allow_pickle)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), device_map=device_map,
-                                                     local_files_only=True, trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=resolve_dtype(dtype), device_map=device_map, local_files_only=True,
+                trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
+        except Exception as e:  # noqa: BLE001 - a damaged file: name it and the fix, not a traceback
+            raise unreadable_checkpoint(path, e) from e
         if device_map is None:
             model.to(device)
-        return cls(model, tokenizer, name=name or path.name, batch_size=batch_size)
+        lm = cls(model, tokenizer, name=name or path.name, batch_size=batch_size)
+        lm.set_context(context_limit, truncate)
+        return lm
+
+    def set_context(self, limit: int | None = None, truncate: str = "error") -> None:
+        """Context limit in positions (None = the model's max_position_embeddings; never more)
+        and the policy for longer examples: "error" or "left" (`dln_ens.lm.context`)."""
+        check_number("context_limit", limit, ge=2, integer=True, optional=True)
+        if limit is not None and self.max_length is not None and limit > self.max_length:
+            raise SettingError(f"context_limit={limit} of {self.name} exceeds its max_position_embeddings="
+                               f"{self.max_length}")
+        self.context_limit = limit if limit is not None else self.max_length
+        self.truncate = check_policy(truncate)
+
+    def fit(self, ids: list[int], reserve: int, index: int, what: str, text: str | None = None) -> list[int]:
+        """``ids`` such that len + ``reserve`` positions fit the context limit: unchanged, cut
+        on the left (policy "left", counted in ``truncated``), or a ContextLengthError."""
+        limit = self.context_limit
+        if limit is None or len(ids) + reserve <= limit:
+            return ids
+        room = limit - reserve
+        if self.truncate == "error" or room < 1:
+            raise ContextLengthError(self.name, index, len(ids) + reserve, limit, what, text=text)
+        self.truncated += 1
+        return keep_end(ids, room, self.tokenizer.bos_token_id)
 
     # ---- tokens -----------------------------------------------------------------------------
 
@@ -191,7 +225,9 @@ class HFLanguageModel:
         random stream (``stopping.sequence_seeds``): the same ``seed`` repeats exactly, and a
         prompt samples the same text whatever it is batched with.
         """
-        prompt_ids = [self.nonempty(ids) for ids in self.encode_many(prompts)]
+        prompt_ids = [self.fit(self.nonempty(ids), max(max_new_tokens - 1, 0), i,
+                               f"a prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens}", prompts[i])
+                      for i, ids in enumerate(self.encode_many(prompts))]
         new_ids, token_logps = self.generate_ids(prompt_ids, max_new_tokens=max_new_tokens, stop=stop,
                                                  temperature=temperature, seed=seed, texts=prompts)
         tails = [p[-PROMPT_TAIL:] for p in prompt_ids]
@@ -259,7 +295,8 @@ class HFLanguageModel:
         context/target boundary is tokenised as in ``split_pairs`` (lm-evaluation-harness).
         Each distinct context in a batch is run once (and the batch's common prefix once);
         its KV cache is then shared by all of its targets."""
-        pairs = self.split_pairs(contexts, targets)
+        pairs = [(self.fit(c, len(t) - 1, i, f"a context of {len(c)} tokens + a target of {len(t)}", contexts[i]), t)
+                 for i, (c, t) in enumerate(self.split_pairs(contexts, targets))]
         self.check_length(max((len(c) + len(t) - 1 for c, t in pairs), default=0), "a context + target")
         out = [Score(logprob=0.0, num_tokens=0)] * len(pairs)  # empty targets
         order = sorted((i for i, (_, t) in enumerate(pairs) if t), key=lambda i: pairs[i])
@@ -291,7 +328,7 @@ class HFLanguageModel:
     @torch.inference_mode()
     def next_token_distribution(self, contexts: list[str]) -> torch.Tensor:
         """[B, V] float32 log-probabilities (cpu) of the token after each context."""
-        ids = [self.nonempty(x) for x in self.encode_many(contexts)]
+        ids = [self.fit(self.nonempty(x), 0, i, "a context", contexts[i]) for i, x in enumerate(self.encode_many(contexts))]
         self.check_length(max(map(len, ids), default=0), "a context")
         out = torch.empty((len(ids), self.vocab_size), dtype=torch.float32)
         order = sorted(range(len(ids)), key=lambda i: ids[i])
@@ -311,8 +348,7 @@ class HFLanguageModel:
 def sampling_seeds(temperature: float, seed: int | None, keys: Sequence[str]) -> list[int | None]:
     """One seed per sequence (``stopping.sequence_seeds`` keyed by ``keys``); all None when
     greedy. Without ``seed`` a random one is drawn, so sampling still follows torch.manual_seed."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_number("temperature", temperature, ge=0)
     if temperature == 0:
         return [None] * len(keys)
     if seed is None:

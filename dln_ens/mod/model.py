@@ -96,6 +96,7 @@ class DepthEnsembleLanguageModel(HFLanguageModel):
         super().__init__(model, base.tokenizer, name=name or f"{base.name}+{variant}",
                          batch_size=getattr(base, "batch_size", 16))
         self.base, self.access = base, access or depth_access(model)
+        self.context_limit, self.truncate = base.context_limit, base.truncate   # the base's policy
         self.k_last, self.router, self.top_k = k_last, router, top_k
         self.head = DepthHead(self.access, k_last, router).to(self.access.lm_head.weight.device)
 

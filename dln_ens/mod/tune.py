@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dln_ens.checks import check_number
 from dln_ens.data.task import Example, Task
 from dln_ens.lm.batching import common_prefix, pad
 from dln_ens.mod import heads, lora as lora_files
@@ -158,6 +159,11 @@ def tune_mod(mod: DepthEnsembleLanguageModel, task: Task, *, out_dir: str | Path
     rate (default ``lr``)."""
     if loss_on not in ("target", "all"):
         raise ValueError(f"loss_on must be 'target' or 'all', got {loss_on!r}")
+    check_number("epochs", epochs, ge=1, integer=True)
+    check_number("lr", lr, gt=0)
+    check_number("lambda_kd", lambda_kd, ge=0)
+    check_number("batch_size", batch_size, ge=1, integer=True)
+    check_number("patience", patience, ge=0, integer=True)
     if not task.train or not task.dev:
         raise ValueError(f"task {task.name!r} needs non-empty train and dev splits for tune-mod")
     if not train_head and mod.peft is None:
@@ -253,7 +259,7 @@ def tune_mod_from_config(cfg) -> TuneResult:
                           f"{hb.path}; a MoD head needs its own directory (e.g. {default_dir})")
     base = HFLanguageModel.from_pretrained(hb.path, device=hb.device, dtype=hb.dtype, device_map=hb.device_map,
                                            trust_remote_code=hb.trust_remote_code, name=mb.base,
-                                           batch_size=hb.batch_size)
+                                           batch_size=hb.batch_size, allow_pickle=hb.allow_pickle)
     try:
         mod = DepthEnsembleLanguageModel(base, mb.k_last, mb.router, mb.top_k, name=name, lora=lora,
                                          lora_seed=tm.seed)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dln_ens.checks import check_number
 from dln_ens.relrep import store
 from dln_ens.relrep.anchors import AnchorError, Anchors, common_anchors, most_consistent
 from dln_ens.relrep.matrix import RelRepMatrix
@@ -159,6 +160,11 @@ def build_matrices(members: dict, out_dir: str | Path, temperature: float = 100.
     """
     if not members:
         raise ValueError("build_matrices: no members")
+    check_number("temperature", temperature, gt=0)
+    check_number("topk", topk, ge=1, integer=True, optional=True)
+    check_number("min_anchors", min_anchors, ge=1, integer=True)
+    check_number("num_anchors", num_anchors, ge=1, integer=True, optional=True)
+    check_number("block_rows", block_rows, ge=1, integer=True, optional=True)
     if value_dtype not in ("float16", "float32"):
         raise ValueError(f"build_matrices: value_dtype must be 'float16' or 'float32', not {value_dtype!r}")
     out_dir = Path(out_dir)
@@ -177,7 +183,7 @@ def build_matrices(members: dict, out_dir: str | Path, temperature: float = 100.
         anc = most_consistent(anc, weights, num_anchors)
     params = build_params(temperature, topk, num_anchors, anchors, value_dtype)
 
-    store.begin_build(out_dir)   # from here on the directory does not load until meta.json
+    previous = store.begin_build(out_dir, names)   # from here on the directory does not load until meta.json
     stats, fingerprints = {}, {}
     shared: dict[tuple, RelRepMatrix] = {}   # a MoD member shares its base's embedding
     for m in names:
@@ -195,5 +201,5 @@ def build_matrices(members: dict, out_dir: str | Path, temperature: float = 100.
         stats[m] = MemberStats(m, R.num_rows, len(anc), R.k, nbytes, seconds)
     store.save_anchors(out_dir, anc)
     store.finish_build(out_dir, params, fingerprints, len(anc),
-                       {m: round(s.seconds, 3) for m, s in stats.items()})
+                       {m: round(s.seconds, 3) for m, s in stats.items()}, previous)
     return stats

@@ -6,10 +6,19 @@ from pathlib import Path
 
 from dln_ens.backend_types import BACKEND_TYPES
 from dln_ens.config import Config, ConfigError, require_model_dir
-from dln_ens.relrep.build import MemberStats, build_matrices, build_params
-from dln_ens.relrep.store import staleness
+from dln_ens.relrep.build import MemberStats, build_matrices
+from dln_ens.relrep.store import check_built, staleness
 
 VALUE_DTYPE = "float16"
+
+
+def check_matrices(cfg: Config, backends: list[str]) -> None:
+    """Before a run writes anything: the ensembles among ``backends`` (and their sub-backends)
+    that read matrices have a finished build with the config's settings and intact files."""
+    for name in dict.fromkeys(backends):
+        b = cfg.backends[name]
+        if b.type == "ensemble" and b.uses_matrices():
+            check_built(b.matrices, b.members, b.matrix_params())
 
 
 def _size(n: int) -> str:
@@ -39,7 +48,7 @@ def _ensure_zoo(cfg: Config, hf_names: set[str]) -> None:
         print(f"models missing ({', '.join(missing)}): building the zoo in {cfg.zoo.dir}")
         build_zoo(cfg.zoo)
     for n in sorted(hf_names):
-        require_model_dir(cfg.backends[n].path, f"{cfg.source}: key 'backends.{n}.path'")
+        require_model_dir(cfg.backends[n].path, f"{cfg.source}: key 'backends.{n}.path'", cfg.backends[n].allow_pickle)
 
 
 def build_all(cfg: Config, force: bool = False, progress: bool = True) -> dict[str, dict[str, MemberStats]]:
@@ -71,7 +80,7 @@ def build_all(cfg: Config, force: bool = False, progress: bool = True) -> dict[s
     for ens, hf in plan.items():
         b = ensembles[ens]
         members = {m: pool.get(h) for m, h in hf.items()}
-        params = build_params(b.temperature, b.topk, b.num_anchors, b.anchors, VALUE_DTYPE)
+        params = b.matrix_params()
         if not force:
             why = staleness(b.matrices, members, params)
             if why is None:
