@@ -12,6 +12,7 @@ import inspect
 from dln_ens.config import (ClassBackend, Config, ConfigError, EnsembleBackend, HFBackend,
                             ModBackend)
 from dln_ens.lm.base import LanguageModel
+from dln_ens.lm.openai_backend import OpenAIBackend, build_openai, describe_openai
 
 
 def import_class(spec: str, where: str) -> type:
@@ -46,6 +47,8 @@ def describe_backend(cfg: Config, name: str) -> dict:
         info.update(path=b.path)
     elif isinstance(b, ClassBackend):
         info.update(cls=b.class_)
+    elif isinstance(b, OpenAIBackend):
+        info.update(describe_openai(b))
     return info
 
 
@@ -102,6 +105,8 @@ class BackendPool:
                 members, main=b.main, matrices=b.matrices, weights=b.weights, method=b.method,
                 lr=b.lr, steps=b.steps, union_topk=b.union_topk, score_mode=b.score_mode,
                 compute_device=b.compute_device, name=name)
+        if isinstance(b, OpenAIBackend):
+            return build_openai(b, name)
         if isinstance(b, ClassBackend):
             cls = import_class(b.class_, f"{where}, key 'class'")
             kwargs = dict(b.kwargs)

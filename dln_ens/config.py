@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 from dln_ens.errors import UserError
+from dln_ens.lm.openai_backend import MEMBER_REFUSAL, OpenAIBackend, check_openai_backend
 
 
 class ConfigError(UserError, ValueError):
@@ -88,8 +89,9 @@ class ClassBackend:
     kwargs: dict = field(default_factory=dict)
 
 
-Backend = Union[HFBackend, ModBackend, EnsembleBackend, ClassBackend]
-_BACKEND_TYPES = {"hf": HFBackend, "mod": ModBackend, "ensemble": EnsembleBackend, "class": ClassBackend}
+Backend = Union[HFBackend, ModBackend, EnsembleBackend, ClassBackend, OpenAIBackend]
+_BACKEND_TYPES = {"hf": HFBackend, "mod": ModBackend, "ensemble": EnsembleBackend, "class": ClassBackend,
+                  "openai": OpenAIBackend}
 
 
 @dataclass
@@ -372,6 +374,8 @@ def _check_references(cfg: Config, ctx: _Ctx, check_paths: bool) -> None:
             if not b.members:
                 raise ctx.error(f"{where}.members", "an ensemble needs at least one member")
             for i, m in enumerate(b.members):
+                if isinstance(cfg.backends.get(m), OpenAIBackend):
+                    raise ctx.error(f"{where}.members[{i}]", f"{m!r} {MEMBER_REFUSAL}")
                 need(f"{where}.members[{i}]", m, (HFBackend, ModBackend, ClassBackend))
             if b.main not in b.members:
                 raise ctx.error(f"{where}.main", f"{b.main!r} is not one of the members {b.members}")
@@ -381,6 +385,8 @@ def _check_references(cfg: Config, ctx: _Ctx, check_paths: bool) -> None:
                         raise ctx.error(f"{where}.weights.{m}", f"not a member; members: {b.members}")
             if b.steps < 0 or b.lr < 0:
                 raise ctx.error(where, "lr and steps must be non-negative")
+        elif isinstance(b, OpenAIBackend):
+            check_openai_backend(b, where, ctx.error)
         elif isinstance(b, ClassBackend):
             if ":" not in b.class_:
                 raise ctx.error(f"{where}.class", f"{b.class_!r} must look like 'package.module:ClassName'")
