@@ -70,7 +70,12 @@ def cmd_tune_mod(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from dln_ens.serve.app import serve
+    from dln_ens.errors import UserError
+    try:
+        import uvicorn  # noqa: F401
+        from dln_ens.serve.app import serve
+    except ImportError as e:
+        raise UserError(f"serving needs starlette and uvicorn ({e}); install them with pip install -e '.[serve]'") from None
     serve(_conf(args), args.backend, host=args.host, port=args.port, api_key_env=args.api_key_env)
     return 0
 

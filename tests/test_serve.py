@@ -3,6 +3,9 @@ server on a free loopback port: the client over the server must give what the ba
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import os
+import socket
 import threading
 
 import httpx
@@ -235,3 +238,126 @@ def test_models_and_bearer_token(gpt2, monkeypatch):
             with pytest.raises(Exception, match="401.*api_key_env") as e:
                 c.generate(["a"], max_new_tokens=1)
             assert "bad-k3y" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def ensemble(gpt2, llama, tmp_path_factory):
+    from dln_ens.ensemble.model import EnsembleLanguageModel
+    from dln_ens.relrep.build import build_matrices
+
+    members = {"llama": llama, "gpt2": gpt2}
+    mats = tmp_path_factory.mktemp("serve-mat")
+    build_matrices(members, mats, topk=16, min_anchors=10, progress=False, value_dtype="float32")
+    return EnsembleLanguageModel(members, main="llama", matrices=mats, name="ens", batch_size=4)
+
+
+def test_served_ensemble_equals_in_process(ensemble):
+    """Main member llama (BOS, SentencePiece leading space): the echo must condition gpt2 on the
+    same text as the in-process ensemble score."""
+    with running(create_app(Engine(ensemble))) as url, client(url, "ens", batch_size=3) as c:
+        want, got = ensemble.generate(PROMPTS, max_new_tokens=6), c.generate(PROMPTS, max_new_tokens=6)
+        assert [g.text for g in got] == [g.text for g in want]
+        assert [g.logprob for g in got] == pytest.approx([g.logprob for g in want], abs=1e-4)
+        want, got = ensemble.score(CONTEXTS, TARGETS), c.score(CONTEXTS, TARGETS)
+        assert [s.num_tokens for s in got] == [s.num_tokens for s in want]
+        assert [s.logprob for s in got] == pytest.approx([s.logprob for s in want], abs=1e-4)
+        np.testing.assert_allclose(c.next_token_logprobs(CONTEXTS[:3], ["Yes", "No"]),
+                                   ensemble.next_token_logprobs(CONTEXTS[:3], ["Yes", "No"]), atol=1e-4)
+
+
+def test_served_mod_member_equals_in_process(gpt2):
+    from dln_ens.mod.model import DepthEnsembleLanguageModel
+
+    mod = DepthEnsembleLanguageModel(gpt2, 2, router="uniform")
+    mod.name = "mod"
+    with running(create_app(Engine(mod))) as url, client(url, "mod") as c:
+        assert [g.text for g in c.generate(PROMPTS, max_new_tokens=5)] == \
+            [g.text for g in mod.generate(PROMPTS, max_new_tokens=5)]
+        want, got = mod.score(CONTEXTS, TARGETS), c.score(CONTEXTS, TARGETS)
+        assert [s.logprob for s in got] == pytest.approx([s.logprob for s in want], abs=1e-4)
+        assert [s.logprob for s in got] != pytest.approx([s.logprob for s in gpt2.score(CONTEXTS, TARGETS)], abs=1e-3)
+
+
+def test_lm_eval_local_completions_on_a_served_model(gpt2, served_gpt2, tiny_gpt2_dir, tmp_path, monkeypatch):
+    """lm-evaluation-harness itself: a multiple-choice task from local files, evaluated with its
+    `local-completions` model against the server; its log-likelihoods are the in-process scores."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[test]')")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    for var, value in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1"),
+                       ("HF_DATASETS_CACHE", str(tmp_path / "cache"))):
+        monkeypatch.setenv(var, value)
+    docs = [{"question": q, "choices": ["Yes", "No", "(A)"], "label": i % 3}
+            for i, q in enumerate(["is the cat red?", "two dogs walk left", "café → ok"])]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "served_toy_mc.yaml").write_text(
+        "task: served_toy_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'docs.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_choice: choices\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n")
+    out = simple_evaluate(model="local-completions",
+                          model_args=f"base_url={served_gpt2}/completions,model=gpt2,tokenizer={tiny_gpt2_dir},"
+                                     f"tokenizer_backend=huggingface,num_concurrent=2,max_retries=1",
+                          tasks=["served_toy_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
+                          log_samples=True)
+    samples = out["samples"]["served_toy_mc"]
+    assert len(samples) == len(docs)
+    for s in samples:
+        doc = s["doc"]
+        lls = [float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0]) for r in s["resps"]]
+        want = gpt2.score([f"Question: {doc['question']}\nAnswer:"] * 3, [" " + c for c in doc["choices"]])
+        assert lls == pytest.approx([w.logprob for w in want], abs=1e-4)
+
+
+def write_conf(tmp_path, model_dir):
+    conf = tmp_path / "conf.json"
+    conf.write_text(json.dumps({"name": "s", "backends": {"tiny": {"type": "hf", "path": str(model_dir)}}}))
+    return conf
+
+
+def test_serve_command_refuses_before_loading(tiny_gpt2_dir, tmp_path, capsys, monkeypatch):
+    """A missing key variable or backend name fails before anything loads."""
+    from dln_ens.cli import main
+
+    conf = write_conf(tmp_path, tiny_gpt2_dir)
+    assert main(["serve", "--conf", str(conf), "--backend", "nope"]) == 2
+    assert "no backend 'nope'; defined: tiny" in capsys.readouterr().err
+    env_var = "DLN_ENS_TEST_UNSET_KEY"
+    monkeypatch.delenv(env_var, raising=False)
+    assert main(["serve", "--conf", str(conf), "--backend", "tiny", "--api-key-env", env_var]) == 2
+    assert f"--api-key-env {env_var}: the environment variable is not set" in capsys.readouterr().err
+
+
+@pytest.mark.slow   # a subprocess that imports torch and transformers: ~10 s on an idle laptop
+def test_dln_ens_serve_command(tiny_gpt2_dir, tmp_path):
+    """The command itself, in a subprocess, serving the configured backend on loopback."""
+    import subprocess
+    import sys
+    import time
+
+    conf = write_conf(tmp_path, tiny_gpt2_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "dln_ens", "serve", "--conf", str(conf), "--backend", "tiny",
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, r = time.monotonic() + 90, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert r is not None and r.json()["data"][0]["id"] == "tiny", proc.stdout.read1().decode() if r is None else r.text
+        out = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                         json={"prompt": "Answer:", "max_tokens": 3, "temperature": 0}, timeout=30).json()
+        lm = HFLanguageModel.from_pretrained(tiny_gpt2_dir)
+        assert out["choices"][0]["text"] == lm.generate(["Answer:"], max_new_tokens=3)[0].text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
