@@ -12,7 +12,7 @@ import inspect
 from dln_ens.config import (ClassBackend, Config, ConfigError, EnsembleBackend, HFBackend,
                             ModBackend)
 from dln_ens.lm.base import LanguageModel
-from dln_ens.lm.openai_backend import OpenAIBackend, build_openai, describe_openai
+from dln_ens.lm.openai_backend import OpenAIBackend, build_openai, describe_openai, validate_openai
 
 
 def import_class(spec: str, where: str) -> type:
@@ -59,9 +59,11 @@ class BackendPool:
         self.validate()
 
     def validate(self) -> None:
-        """Checks that need imports but no model loading: user classes resolve and look like
-        a LanguageModel."""
+        """Checks that need imports or the environment but no model loading: user classes resolve
+        and look like a LanguageModel; API key variables are set."""
         for name, b in self.cfg.backends.items():
+            if isinstance(b, OpenAIBackend):
+                validate_openai(b, f"{self.cfg.source}: backend {name!r}")
             if isinstance(b, ClassBackend):
                 where = f"{self.cfg.source}: key 'backends.{name}.class'"
                 cls = import_class(b.class_, where)

@@ -124,6 +124,9 @@ def test_openai_backend_config_and_refusal_as_ensemble_member(tmp_path):
     served = {"type": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "MY_KEY"}
     cfg = parse_config(base_cfg(served=served))
     assert cfg.backends["served"].concurrency == 8 and config_to_dict(cfg)["backends"]["served"]["api_key_env"] == "MY_KEY"
+    from dln_ens.backends import describe_backend
+    assert describe_backend(cfg, "served") == {"backend": "served", "type": "openai",
+                                                "base_url": "http://127.0.0.1:9/v1", "model": "m"}
     with pytest.raises(ConfigError, match=r"backends.ens.members\[1\].*'served' is an 'openai' backend.*full "
                                           r"next-token distribution"):
         parse_config(base_cfg(served=served, local={"type": "class", "class": "x:Y"},
@@ -138,7 +141,13 @@ def test_openai_backend_config_and_refusal_as_ensemble_member(tmp_path):
 
 
 def test_missing_key_variable_is_named_without_a_value(monkeypatch):
+    from dln_ens.backends import BackendPool
+
     monkeypatch.delenv("DLN_ENS_TEST_NO_SUCH_KEY", raising=False)
+    cfg = parse_config(base_cfg(served={"type": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m",
+                                        "api_key_env": "DLN_ENS_TEST_NO_SUCH_KEY"}))
+    with pytest.raises(ConfigError, match="backend 'served': the environment variable DLN_ENS_TEST_NO_SUCH_KEY"):
+        BackendPool(cfg)
     with pytest.raises(EndpointError, match="DLN_ENS_TEST_NO_SUCH_KEY.*not set"):
         OpenAILanguageModel("http://127.0.0.1:9/v1", "m", api_key_env="DLN_ENS_TEST_NO_SUCH_KEY")
 
@@ -186,3 +195,22 @@ def test_dln1_on_the_served_model_learns_the_in_process_prompts(tiny_gpt2_dir, t
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
             assert key not in path.read_text(errors="replace"), f"the API key leaked into {path}"
+
+
+# ----------------------------------------------------------------------------- echo offsets
+
+def test_target_span_reads_vllm_style_echoes():
+    """vLLM's offsets count the token strings ("<s>" included) and SentencePiece shows a leading
+    space: the prompt is located in the joined tokens before the boundary is applied."""
+    from dln_ens.lm.echo import target_span
+
+    tokens = ["<s>", " The", " cat", " sat", " down"]
+    offsets = [0, 3, 7, 11, 15]
+    assert target_span(tokens, offsets, "The cat", " sat down") == (3, 5)
+    assert target_span(tokens, offsets, "The cat ", "sat down") == (3, 5)        # rule 2: space moves
+    assert target_span(tokens, offsets, "The c", "at sat down") == (2, 5)        # rule 3: straddling token
+    assert target_span(tokens + ["!"], offsets + [20], "The cat", " sat down", generated=1) == (3, 5)
+    # a character split over three byte tokens belongs to the first; the others have no text
+    tokens, offsets = ["go", " ", "→", "", "", " left"], [0, 2, 3, 4, 4, 4]
+    assert target_span(tokens, offsets, "go ", "→ left") == (2, 6)
+    assert target_span(tokens, offsets, "go →", " left") == (5, 6)

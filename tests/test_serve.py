@@ -361,3 +361,12 @@ def test_dln_ens_serve_command(tiny_gpt2_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_echo_with_one_generated_token_is_read_the_same(gpt2, served_gpt2):
+    """``echo_max_tokens: 1`` (servers that refuse max_tokens 0): the generated token is ignored."""
+    with client(served_gpt2, "gpt2", echo_max_tokens=1) as c:
+        got = c.score(CONTEXTS, TARGETS)
+    want = gpt2.score(CONTEXTS, TARGETS)
+    assert [s.num_tokens for s in got] == [s.num_tokens for s in want]
+    assert [s.logprob for s in got] == pytest.approx([s.logprob for s in want], abs=1e-4)

@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -57,13 +58,15 @@ def start_server(conf: str, backend: str, timeout_s: float = 300.0):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = tempfile.TemporaryFile()   # never a pipe nobody reads: the server's progress bars would fill it
     proc = subprocess.Popen([sys.executable, "-m", "dln_ens", "serve", "--conf", conf, "--backend", backend,
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"dln-ens serve exited: {proc.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"dln-ens serve exited: {log.read().decode(errors='replace')[-2000:]}")
         try:
             httpx.get(url + "/models", timeout=2)
             return proc, url

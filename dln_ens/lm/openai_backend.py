@@ -46,6 +46,16 @@ def check_openai_backend(b: OpenAIBackend, where: str, error) -> None:
                                           f"tokenizer directory or null")
 
 
+def validate_openai(b: OpenAIBackend, where: str) -> None:
+    """Before anything loads (`BackendPool.validate`): the key's variable is set, if one is named."""
+    import os
+
+    from dln_ens.config import ConfigError
+    if b.api_key_env is not None and not os.environ.get(b.api_key_env):
+        raise ConfigError(f"{where}: the environment variable {b.api_key_env} (api_key_env) is not set; export "
+                          f"it with the server's key, or set \"api_key_env\": null for a server without one")
+
+
 def build_openai(b: OpenAIBackend, name: str):
     from dln_ens.lm.openai import OpenAILanguageModel
     return OpenAILanguageModel(b.base_url, b.model, api_key_env=b.api_key_env, tokenizer=b.tokenizer,
