@@ -370,3 +370,20 @@ def test_echo_with_one_generated_token_is_read_the_same(gpt2, served_gpt2):
     want = gpt2.score(CONTEXTS, TARGETS)
     assert [s.num_tokens for s in got] == [s.num_tokens for s in want]
     assert [s.logprob for s in got] == pytest.approx([s.logprob for s in want], abs=1e-4)
+
+
+@pytest.mark.parametrize("which", ["gpt2", "ensemble"])
+def test_recomputed_logprobs_equal_the_decodings_own(which, request):
+    """``logprobs: 2`` recomputes teacher-forced log-probs (and the top tokens) over prompt and
+    generated ids; ``logprobs: 0`` returns the decoding's own: the two agree."""
+    lm = request.getfixturevalue(which)
+    with running(create_app(Engine(lm))) as url:
+        body = {"model": lm.name, "prompt": PROMPTS, "max_tokens": 5, "temperature": 0}
+        own = httpx.post(url + "/completions", json={**body, "logprobs": 0}, timeout=60).json()["choices"]
+        again = httpx.post(url + "/completions", json={**body, "logprobs": 2, "echo": True}, timeout=60).json()["choices"]
+    for a, b in zip(own, again):
+        n = len(a["logprobs"]["token_logprobs"])
+        assert b["text"].endswith(a["text"]) and b["logprobs"]["tokens"][-n:] == a["logprobs"]["tokens"]
+        assert b["logprobs"]["token_logprobs"][-n:] == pytest.approx(a["logprobs"]["token_logprobs"], abs=1e-4)
+        for top, lp in zip(b["logprobs"]["top_logprobs"][-n:], a["logprobs"]["token_logprobs"]):
+            assert max(top.values()) == pytest.approx(lp, abs=1e-4), "greedy: the chosen token is the top one"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dln_ens.ensemble.align import visible_text
 from dln_ens.errors import UserError
 from dln_ens.lm.batching import chunks, pad, positions
 from dln_ens.lm.hf import PROMPT_TAIL, sampling_seeds
@@ -30,6 +31,51 @@ from dln_ens.serve.tokens import logprobs_block, text_offsets, token_texts
 
 
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+FUSION_ROWS = 256   # positions fused per call (bounds the fusion's memory)
+
+
+def every_position(lm, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """Per sequence, the float32 logits [len(s), V] after each of its prefixes (row i predicts
+    token i + 1), right-padded batches of ``lm.batch_size`` through ``lm.forward``."""
+    out = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for idx in chunks(order, lm.batch_size):
+        rows = [seqs[i] for i in idx]
+        lm.check_length(max(map(len, rows)), "a prompt")
+        ids, mask = pad(rows, lm.pad_token_id, "right", lm.device)
+        logits, _ = lm.forward(ids, mask, None, positions(mask, ids.shape[1]))
+        for j, i in enumerate(idx):
+            out[i] = logits[j, :len(rows[j])]
+    return out
+
+
+def member_rows(member, name: str, prefixes: list[list[str]]) -> torch.Tensor:
+    """[sum of len(p), V] the member's next-token logits after each prefix text, tokenised with
+    its own tokenizer (special tokens included, as an ensemble's `TokenTrack` does)."""
+    flat = [t for texts in prefixes for t in texts]
+    enc = member.encode_many(flat)
+    if any(not ids for ids in enc):
+        raise ValueError(f"member {name!r} encodes a context to no tokens; give a non-empty context")
+    longest, at = [], 0
+    for texts in prefixes:
+        at += len(texts)
+        longest.append(enc[at - 1])
+    full = every_position(member, longest)
+    rows, missing, at = [None] * len(flat), [], 0
+    for f, texts in zip(full, prefixes):
+        whole = enc[at + len(texts) - 1]
+        for j in range(len(texts)):
+            ids = enc[at + j]
+            if whole[:len(ids)] == ids:
+                rows[at + j] = f[len(ids) - 1]
+            else:
+                missing.append(at + j)
+        at += len(texts)
+    for idx in chunks(missing, member.batch_size):
+        logits, _, _ = member.prefill([enc[r] for r in idx])
+        for r, row in zip(idx, logits):
+            rows[r] = row
+    return torch.stack(rows)
 
 
 @dataclass
@@ -110,56 +156,71 @@ class Engine:
     @torch.inference_mode()
     def token_logprobs(self, seqs: list[list[int]], texts: list[str | None], top: int) -> list[tuple[list, list]]:
         """Per sequence: the log-prob of each token given the ones before (None for the first)
-        and the top-``top`` alternatives at each position."""
-        return self._ensemble_logprobs(seqs, texts, top) if self.ensemble else self._hf_logprobs(seqs, top)
-
-    def _hf_logprobs(self, seqs, top):
-        lm, out = self.lm, [None] * len(seqs)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        for idx in chunks(order, lm.batch_size):
-            rows = [seqs[i] for i in idx]
-            lm.check_length(max(map(len, rows)), "a prompt")
-            ids, mask = pad(rows, lm.pad_token_id, "right", lm.device)
-            logits, _ = lm.forward(ids, mask, None, positions(mask, ids.shape[1]))
-            logp = torch.log_softmax(logits, -1)
-            for j, i in enumerate(idx):
-                s, lp = rows[j], logp[j, :len(rows[j]) - 1]
-                chosen = lp.gather(1, torch.tensor(s[1:], device=lp.device)[:, None])[:, 0].tolist()
-                out[i] = ([None] + chosen, [None] + self._tops(lp, top))
+        and the top-``top`` alternatives at each position. ``texts``: the prompt strings the
+        sequences start with (None for token-id prompts)."""
+        if not self.ensemble:
+            starts = [1] * len(seqs)
+            logps = [torch.log_softmax(x[:-1], -1) for x in every_position(self.lm, seqs)]
+        else:
+            starts, logps = self._ensemble_logprobs(seqs, texts)
+        out = []
+        for s, k, lp in zip(seqs, starts, logps):
+            if lp is None:
+                out.append(([None] * len(s), [None] * len(s)))
+                continue
+            lp = lp[-(len(s) - k):] if k < len(s) else lp[:0]
+            chosen = lp.gather(1, torch.tensor(s[k:], dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
+            out.append(([None] * k + chosen, [None] * k + self._tops(lp, top)))
         return out
 
     def _ensemble_start(self, ids: list[int], text: str | None) -> tuple[int, str]:
-        """The first k tokens to start decoding from, and the text they stand for: the original
-        text when the token texts end with it (a SentencePiece leading space aside), else theirs."""
+        """The first k tokens (the context of the first scored position) and the text they stand
+        for: taken from the original prompt ``text`` when the token texts contain it (a BOS, a
+        SentencePiece leading space aside), else from the token texts. k is the first position
+        with text before it."""
         pieces = [self.piece(t) for t in ids]
         shown = token_texts(pieces)
         offs, whole = text_offsets(shown), "".join(shown)
-        base, shift = (text, len(whole) - len(text)) if text is not None and whole.endswith(text) else (whole, 0)
+        at = whole.find(text) if text else -1
+        base, shift = (text, at) if at >= 0 else (whole, 0)
         for k in range(1, len(ids)):
             starts_char = not pieces[k] or (pieces[k][0] & 0xC0) != 0x80
             if starts_char and base[:max(0, offs[k] - shift)]:
                 return k, base[:offs[k] - shift]
         return len(ids), base
 
-    def _ensemble_logprobs(self, seqs, texts, top):
+    def _ensemble_logprobs(self, seqs, texts):
+        """The fused distribution before every token from position k on, as the decoding loop of
+        `EnsembleLanguageModel.score` conditions the members (the main member on the ids, every
+        other member on its tokenisation of the visible text before the position), computed with
+        one forward per member over each sequence: a prefix's distribution is read where the
+        member's tokenisation of the prefix text is a prefix of its tokenisation of the longest
+        one (a causal LM's logits there depend on those tokens only), else recomputed."""
         lm = self.lm
         starts = [self._ensemble_start(s, t) for s, t in zip(seqs, texts)]
-        out = [([None] * len(s), [None] * len(s)) for s in seqs]
         todo = [i for i, s in enumerate(seqs) if starts[i][0] < len(s)]
-        for idx in chunks(todo, lm.batch_size):
-            forced = [seqs[i][starts[i][0]:] for i in idx]
-            tops = [[] for _ in idx]
-
-            def on_step(rows, logp):
-                for r, row in zip(rows, self._tops(logp, top)):
-                    tops[r].append(row)
-
-            _, lps, _ = lm._run([starts[i][1] for i in idx], [seqs[i][:starts[i][0]] for i in idx],
-                                max(map(len, forced)), forced=forced, on_step=on_step)
-            for j, i in enumerate(idx):
-                k = starts[i][0]
-                out[i] = ([None] * k + lps[j], [None] * k + tops[j])
-        return out
+        out = [None] * len(seqs)
+        if not todo:
+            return [k for k, _ in starts], out
+        mains = every_position(lm.main_member, [seqs[i] for i in todo])
+        per_member = {lm.main: torch.cat([x[starts[i][0] - 1:len(seqs[i]) - 1] for x, i in zip(mains, todo)])}
+        prefixes = []
+        for i in todo:
+            k, text = starts[i]
+            seen, texts_i = text.encode("utf-8"), []
+            for tok in seqs[i][k:]:
+                texts_i.append(visible_text(seen))
+                seen += (lm.surfaces[tok] if tok < len(lm.surfaces) else None) or b""   # as the decoding loop
+            prefixes.append(texts_i)
+        for n in lm.others:
+            per_member[n] = member_rows(lm.members[n], n, prefixes)
+        fused = torch.cat([lm.fusion({n: x[r:r + FUSION_ROWS] for n, x in per_member.items()})
+                           for r in range(0, len(per_member[lm.main]), FUSION_ROWS)])
+        at = 0
+        for i, texts_i in zip(todo, prefixes):
+            out[i] = fused[at:at + len(texts_i)]
+            at += len(texts_i)
+        return [k for k, _ in starts], out
 
     # ---- one batch of requests ------------------------------------------------------------------
 
@@ -170,8 +231,7 @@ class Engine:
         k = params.logprobs
         recompute = k is not None and (params.echo or k > 0)
         if recompute:
-            dists = self.token_logprobs([g.ids + g.new_ids for g in gens],
-                                       [None if g.prompt_text is None else g.prompt_text + g.raw for g in gens], k)
+            dists = self.token_logprobs([g.ids + g.new_ids for g in gens], [g.prompt_text for g in gens], k)
         choices = []
         for n, g in enumerate(gens):
             prompt_text = g.prompt_text if g.prompt_text is not None else self.decode(g.ids)
