@@ -156,7 +156,6 @@ def test_missing_key_variable_is_named_without_a_value(monkeypatch):
 
 def test_dln1_on_the_served_model_learns_the_in_process_prompts(tiny_gpt2_dir, tmp_path, monkeypatch):
     from dln_ens.backends import BackendPool
-    from dln_ens.config import DLNConfig, DLNSystem
     from dln_ens.data.registry import register_task
     from dln_ens.data.task import Example, Task
     from dln_ens.dln.run import run_dln

@@ -3,6 +3,7 @@ server on a free loopback port: the client over the server must give what the ba
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import json
 import os
 import socket
@@ -297,10 +298,12 @@ def test_lm_eval_local_completions_on_a_served_model(gpt2, served_gpt2, tiny_gpt
         "test_split: test\noutput_type: multiple_choice\n"
         "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_choice: choices\ndoc_to_target: label\n"
         "metric_list:\n  - metric: acc\n")
+    # lm-eval indexes its thousands of built-in tasks unless told not to (30 s)
+    only_ours = {"include_defaults": False} if "include_defaults" in inspect.signature(TaskManager).parameters else {}
     out = simple_evaluate(model="local-completions",
                           model_args=f"base_url={served_gpt2}/completions,model=gpt2,tokenizer={tiny_gpt2_dir},"
                                      f"tokenizer_backend=huggingface,num_concurrent=2,max_retries=1",
-                          tasks=["served_toy_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
+                          tasks=["served_toy_mc"], task_manager=TaskManager(include_path=str(tmp_path), **only_ours),
                           log_samples=True)
     samples = out["samples"]["served_toy_mc"]
     assert len(samples) == len(docs)

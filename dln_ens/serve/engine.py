@@ -7,11 +7,13 @@ logits) or an `EnsembleLanguageModel` (the fused distribution over the main memb
 - Generation is the backend's own decoding, so a served prompt gets exactly the in-process
   ``generate`` text (same per-prompt seeds: sampling is keyed on the prompt text).
 - Log-probs of prompt (``echo``) and generated tokens, with ``top_logprobs``, are recomputed
-  teacher-forced over prompt + generated ids. HF: one forward pass. Ensemble: the fused step at
-  every position, the main member on the ids and the others on the text before the position,
-  as `EnsembleLanguageModel.score` does; decoding starts after the first tokens whose text is
-  non-empty (after a BOS token, the first text token has no log-prob: the other members would
-  see no text). ``logprobs: 0`` without echo returns the decoding's own log-probs, no recompute.
+  teacher-forced over prompt + generated ids. HF: one forward pass. Ensemble: the fused
+  distribution before every token, each member conditioned as `EnsembleLanguageModel.score`
+  conditions it (the main member on the ids, the others on their own tokenisation of the text
+  before the position), with one forward per member and one batched fusion (`member_rows`).
+  Scoring starts at the first position with text before it: after a BOS token the first text
+  token has no log-prob (the other members would see no text). ``logprobs: 0`` without echo
+  returns the decoding's own log-probs, no recompute.
 """
 from __future__ import annotations
 
