@@ -4,12 +4,13 @@ from dln_ens.lm.base import Generation, LanguageModel, Score
 
 __version__ = "0.1.0"
 __all__ = ["LanguageModel", "Generation", "Score", "HFLanguageModel", "EnsembleLanguageModel",
-           "DepthEnsembleLanguageModel", "build_matrices"]
+           "DepthEnsembleLanguageModel", "OpenAILanguageModel", "build_matrices"]
 
 _LAZY = {
     "HFLanguageModel": "dln_ens.lm.hf",
     "EnsembleLanguageModel": "dln_ens.ensemble.model",
     "DepthEnsembleLanguageModel": "dln_ens.mod.model",
+    "OpenAILanguageModel": "dln_ens.lm.openai",
     "build_matrices": "dln_ens.relrep.build",
 }
 

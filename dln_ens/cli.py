@@ -1,4 +1,4 @@
-"""`dln-ens zoo | mat | run | tune-mod | tasks`: the command line.
+"""`dln-ens zoo | mat | run | tune-mod | serve | tasks`: the command line.
 
 Every command takes ``--conf`` (default ``conf/default.json``) and validates the whole config
 before anything loads, so a typo fails in a second, not after the models are in memory.
@@ -83,6 +83,17 @@ def cmd_tune_mod(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from dln_ens.errors import UserError
+    try:
+        import uvicorn  # noqa: F401
+        from dln_ens.serve.app import serve
+    except ImportError as e:
+        raise UserError(f"serving needs starlette and uvicorn ({e}); install them with pip install -e '.[serve]'") from None
+    serve(_conf(args), args.backend, host=args.host, port=args.port, api_key_env=args.api_key_env)
+    return 0
+
+
 def cmd_tasks(args) -> int:
     from dln_ens.data import task_names
     print("\n".join(task_names()))
@@ -119,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("tune-mod", cmd_tune_mod, "train the norms and router of a Mixture-of-Depths member "
                                   "(config section tune_mod) and save its head beside the base model")
+    sp = add("serve", cmd_serve, "serve a configured backend (an HF model, a MoD member, a fused ensemble) "
+                                 "behind an OpenAI-compatible /v1/completions API")
+    sp.add_argument("--backend", required=True, help="name of the backend in the config")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--api-key-env", metavar="VAR",
+                    help="require \"Authorization: Bearer <key>\", the key read from environment variable VAR")
+
     add("tasks", cmd_tasks, "list the task names the loaders know")
     return p
 

@@ -12,6 +12,10 @@ from typing import Any, Callable
 from dln_ens.confparse import Ctx
 
 
+def _a(kind: str) -> str:
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind!r}"
+
+
 @dataclass
 class CheckContext(Ctx):
     """Config-time checks of one file: errors name the file and key; references to other
@@ -30,7 +34,7 @@ class CheckContext(Ctx):
             raise self.error(where, f"names unknown backend {name!r}; {hint}defined: {', '.join(self.backends)}")
         b = self.backends[name]
         if types and b.type not in types:
-            raise self.error(where, f"backend {name!r} is a {b.type!r} backend; it must be one of: {', '.join(types)}")
+            raise self.error(where, f"backend {name!r} is {_a(b.type)} backend; it must be one of: {', '.join(types)}")
         return b
 
     def need_member(self, where: str, name: str) -> Any:
@@ -41,7 +45,7 @@ class CheckContext(Ctx):
         if kind.check_member is None:
             ok = [t for t, k in self.types.items() if k.check_member is not None]
             why = f" ({kind.not_member})" if kind.not_member else ""
-            raise self.error(where, f"backend {name!r} is a {b.type!r} backend, which cannot be an ensemble "
+            raise self.error(where, f"backend {name!r} is {_a(b.type)} backend, which cannot be an ensemble "
                              f"member{why}; members must be local models: {', '.join(ok)}")
         return b
 

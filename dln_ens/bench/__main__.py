@@ -1,4 +1,4 @@
-"""`python -m dln_ens.bench {mat|decode|dln|mod|mod-lora} ...`: benchmarks (not tests; they print tables)."""
+"""`python -m dln_ens.bench {mat|decode|dln|mod|mod-lora|serve} ...`: benchmarks (not tests; they print tables)."""
 from __future__ import annotations
 
 import importlib
@@ -6,7 +6,7 @@ import importlib.util
 import sys
 
 COMMANDS = {"mat": "dln_ens.bench.mat", "decode": "dln_ens.bench.decode", "dln": "dln_ens.bench.dln",
-            "mod": "dln_ens.bench.mod", "mod-lora": "dln_ens.bench.mod_lora"}
+            "mod": "dln_ens.bench.mod", "mod-lora": "dln_ens.bench.mod_lora", "serve": "dln_ens.bench.serve"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -382,9 +382,21 @@ def candidate_logprobs(tokenizing_lm: "HFLanguageModel", dist: torch.Tensor, con
     a prefix) and the candidate gets the max over the two first tokens' log-probs.
     """
     check_candidates(candidates)
-    lm = tokenizing_lm
+    first = candidate_first_tokens(tokenizing_lm, contexts, candidates)
+    lp = dist.gather(1, first).view(len(contexts), len(candidates), 2)
+    return lp.max(-1).values.numpy()
+
+
+def candidate_variants(candidates: list[str]) -> list[str]:
+    """" cand" and "cand" for each candidate, in that order (a leading space counts once)."""
     bases = [c[1:] if c.startswith(" ") else c for c in candidates]
-    variants = [v for b in bases for v in (" " + b, b)]
+    return [v for b in bases for v in (" " + b, b)]
+
+
+def candidate_first_tokens(lm, contexts: list[str], candidates: list[str]) -> torch.Tensor:
+    """[len(contexts), 2 * len(candidates)] the first token of " cand" and "cand" after each
+    context (columns: candidate 0 with space, without, candidate 1 ...; see `candidate_logprobs`)."""
+    variants = candidate_variants(candidates)
     ctxs = lm.encode_many(contexts)
     wholes = lm.encode_many([x + v for x in contexts for v in variants])
     alone = [lm.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in variants]
@@ -394,5 +406,4 @@ def candidate_logprobs(tokenizing_lm: "HFLanguageModel", dist: torch.Tensor, con
             whole = wholes[i * len(variants) + j]
             prefix_ok = whole[:len(ctx)] == ctx and len(whole) > len(ctx)
             first[i, j] = whole[len(ctx)] if prefix_ok else alone[j]
-    lp = dist.gather(1, first).view(len(contexts), len(candidates), 2)
-    return lp.max(-1).values.numpy()
+    return first
