@@ -92,3 +92,15 @@ def tiny_llama_dir(tmp_path_factory):
                          initializer_range=0.2)
     torch.manual_seed(1)
     return _save(tmp_path_factory.mktemp("tiny-llama"), LlamaForCausalLM(config), tokenizer)
+
+
+@pytest.fixture(autouse=True)
+def _task_registry_isolation():
+    """A task a test registers inside its body is gone after it (module-level test tasks use
+    `registered_tasks` in a module-scoped fixture)."""
+    from dln_ens.data import registry
+    registry._import_loaders()     # the built-in tasks first, so that restoring keeps them
+    before = dict(registry._LOADERS)
+    yield
+    registry._LOADERS.clear()
+    registry._LOADERS.update(before)

@@ -12,7 +12,8 @@ import transformers as T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dln_ens.config import parse_config
-from dln_ens.data import Example, Task, register_task
+from dln_ens.data import Example, Task
+from dln_ens.data.registry import registered_tasks
 from dln_ens.lm.hf import HFLanguageModel
 from dln_ens.mod import heads
 from dln_ens.mod.arch import UnsupportedModelError
@@ -36,7 +37,10 @@ def _task(seed: int = 0) -> Task:
                 classes=["Yes", "No"])
 
 
-register_task("mod_even_test")(lambda **kw: _task())
+@pytest.fixture(autouse=True, scope="module")
+def _tasks():
+    with registered_tasks({"mod_even_test": lambda **kw: _task()}):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from dln_ens.config import ConfigError, LoraSettings, parse_config
 from dln_ens.mod import lora as lora_files
 from dln_ens.mod.model import DepthEnsembleLanguageModel, default_head_dir
 from dln_ens.mod.tune import encode_examples, extract_features, feature_losses, tune_mod, tune_mod_from_config
-from test_mod import TEXTS, _batch, _build, _ref_layer_states, _task, base, tokenizer  # noqa: F401 (fixtures)
+from test_mod import TEXTS, _batch, _build, _ref_layer_states, _task, _tasks, base, tokenizer  # noqa: F401 (fixtures; _tasks registers mod_even_test)
 
 peft = pytest.importorskip("peft", reason="LoRA tests need peft: pip install 'dln-ens[lora]'")
 

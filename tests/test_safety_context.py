@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dln_ens.config import parse_config
-from dln_ens.data.registry import register_task
+from dln_ens.data.registry import registered_tasks
 from dln_ens.data.task import Example, Task
 from dln_ens.lm.context import ContextLengthError
 from dln_ens.lm.hf import HFLanguageModel
@@ -15,11 +15,16 @@ SHORT = "Input: yes no.\nAnswer:"
 LONG = "Input: " + " ".join(["the red cat walks left"] * 20) + ".\nAnswer:"
 
 
-@register_task("test/long_inputs")
 def _long_task() -> Task:
     ex = [Example(f"yes no {i}" if i % 3 else " ".join(["the red cat walks left"] * 20) + f" {i}", "Yes")
           for i in range(12)]
     return Task("test/long_inputs", "Say Yes or No.", ex[:4], ex[4:8], ex[8:], classes=["Yes", "No"])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tasks():
+    with registered_tasks({"test/long_inputs": _long_task}):
+        yield
 
 
 def test_hf_error_names_example_member_and_lengths(tiny_gpt2_dir):

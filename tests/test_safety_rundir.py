@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dln_ens.config import ClassBackend, Config, ConfigError, DLNConfig, DLNSystem, EvalConfig, parse_config
-from dln_ens.data.registry import UnknownTaskError, register_task
+from dln_ens.data.registry import UnknownTaskError, registered_tasks
 from dln_ens.data.task import Example, Task
 from dln_ens.dln.run import run_dln
 from dln_ens.rundir import RunDirLockedError
@@ -21,12 +21,17 @@ from dln_fake import FakePool, ScriptedLM
 DATA: dict[str, Path] = {}
 
 
-@register_task("test/file_task")
 def _file_task() -> Task:
     """A task read from a JSON file the test may change in place."""
     rows = json.loads(DATA["file"].read_text())
     ex = [Example(r["input"], r["target"]) for r in rows]
     return Task("test/file_task", "Say Yes or No.", ex[:6], ex[6:9], ex[9:], classes=["Yes", "No"])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tasks():
+    with registered_tasks({"test/file_task": _file_task}):
+        yield
 
 
 @pytest.fixture

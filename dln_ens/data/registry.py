@@ -6,6 +6,7 @@ on first lookup so that `import dln_ens` stays cheap.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import warnings
@@ -32,6 +33,20 @@ def register_task(name: str):
         _LOADERS[name] = fn
         return fn
     return deco
+
+
+@contextlib.contextmanager
+def registered_tasks(loaders: dict[str, Callable[..., Task]]):
+    """Register ``loaders`` for the length of a ``with`` block (tests, experiments), then put
+    the table back as it was, so no name outlives its block."""
+    before = {n: _LOADERS[n] for n in loaders if n in _LOADERS}
+    _LOADERS.update(loaders)
+    try:
+        yield
+    finally:
+        for n in loaders:
+            _LOADERS.pop(n, None)
+        _LOADERS.update(before)
 
 
 def _import_loaders() -> None:
