@@ -103,7 +103,7 @@ def _evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool, tasks
                    "n": len(examples), "accuracy": round(float(np.mean(correct)) if correct else 0.0, 4),
                    "truncated": getattr(lm, "truncated", 0) - truncated_before, "seconds": round(seconds, 2)}
             write_jsonl(cells_dir / f"{stem}.predictions.jsonl",
-                        [{"input": ex.input, "target": ex.target, "prediction": p, "correct": c}
+                        [{"input": ex.input, "target": str(ex.target), **_aliases(ex.target), "prediction": p, "correct": c}
                          for ex, p, c in zip(examples, preds, correct)])
             atomic_write_text(cell, json.dumps({"key": key, "row": row}, indent=1))
             rows.append(row)
@@ -118,3 +118,9 @@ def eval_table(rows: list[dict]) -> str:
     cols = ["backend", "type", "method", *setting_names(), "matrix", "task", "instruction", "n", "accuracy",
             "truncated", "seconds"]
     return markdown_table(rows, cols)
+
+
+def _aliases(target) -> dict:
+    """A QA target's other accepted answers (`loaders.Answer`), kept in the written records."""
+    aliases = getattr(target, "aliases", None)
+    return {"aliases": list(aliases)} if aliases and list(aliases) != [str(target)] else {}

@@ -11,6 +11,7 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dln_ens.backends import BackendPool
 from dln_ens.config import parse_config
 from dln_ens.data import Example, Task
 from dln_ens.data.registry import registered_tasks
@@ -363,7 +364,6 @@ def test_tune_mod_from_config_writes_beside_base(tokenizer, tmp_path):
     assert res.head_dir == default_head_dir(tmp_path / "zoo" / "tiny", 2, "uniform", None)
     assert res.head_dir.parent == (tmp_path / "zoo").resolve()
     assert sorted(p.name for p in (tmp_path / "zoo" / "tiny").iterdir()) == base_files
-    base = HFLanguageModel.from_pretrained(str(tmp_path / "zoo" / "tiny"))
     cfg.backends["tiny_mod"].head = str(res.head_dir)
-    mod = DepthEnsembleLanguageModel.from_config(base, cfg.backends["tiny_mod"])
+    mod = BackendPool(cfg).get("tiny_mod")       # the config's way to load a tuned member
     assert (mod.k_last, mod.router) == (2, "uniform")

@@ -215,13 +215,6 @@ class DepthEnsembleLanguageModel(HFLanguageModel):
             lora_files.load_weights(mod.peft, d, adapter["sha256"])
         return mod
 
-    @classmethod
-    def from_config(cls, base: HFLanguageModel, cfg, name: str | None = None) -> "DepthEnsembleLanguageModel":
-        """Build from a `ModBackend` config entry: its trained head if ``head`` is set, else untrained."""
-        if cfg.head is None:
-            return cls(base, cfg.k_last, cfg.router, cfg.top_k, name=name)
-        return cls.from_head(base, cfg.head, k_last=cfg.k_last, router=cfg.router, top_k=cfg.top_k, name=name)
-
 
 def base_fingerprint(model: nn.Module, access: DepthAccess) -> dict:
     """What must be equal for a head to apply: architecture, sizes, the final norm and (a row
