@@ -97,6 +97,6 @@ def evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool = True)
 def eval_table(rows: list[dict]) -> str:
     """Backend, fusion method and every fusion setting some row has, task, accuracy."""
     from dln_ens.fusion.registry import setting_names
-    cols = ["backend", "type", "method", *setting_names(), "matrix", "task", "instruction", "n", "accuracy",
+    cols = ["backend", "type", "method", "weighting", *setting_names(), "matrix", "task", "instruction", "n", "accuracy",
             "seconds"]
     return markdown_table(rows, cols)
