@@ -51,10 +51,11 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     parts = args.only or ["eval", "dln"]
     if "eval" in parts and cfg.eval is not None and cfg.eval.backends:
-        from dln_ens.evaluate import eval_table, evaluate
+        from dln_ens.evaluate import eval_table, evaluate, fusion_summary
         rows = evaluate(cfg, pool, run_dir, resume=not args.fresh)
         print(f"\n## Backends on held-out tasks ({cfg.eval.split})\n")
         print(eval_table(rows))
+        print(fusion_summary(cfg, rows))
     if "dln" in parts and cfg.dln is not None and cfg.dln.systems:
         from dln_ens.dln.run import run_dln
         run_dln(cfg, pool, run_dir, resume=not args.fresh)
