@@ -1,9 +1,10 @@
 """`dln-ens ablate`: a grid of fusion variants x ensemble backends x tasks, one resumable cell each.
 
 The grid is the config's ``ablate`` section: every ``backends`` entry (an ensemble: its members,
-main member and matrices, so matrix settings such as temperature or num_anchors are ablated by
-declaring one ensemble backend per setting) x every expanded variant (a list value of a fusion
-setting, ``weighting`` or ``weighting_temperature`` is an axis) x every task. Each member of
+main member and matrices, so DeePEn's matrix settings, temperature and num_anchors, are ablated
+by declaring one ensemble backend per setting) x every expanded variant (a list value of a fusion
+setting, ``weighting`` or ``weighting_temperature`` is an axis; a variant's ``backends`` restricts
+it to some of them) x every task. Each member of
 each ensemble is also evaluated once per task on the same examples.
 
 ``runs/<name>/ablate/``::
@@ -131,7 +132,8 @@ def run_ablate(cfg: Config, pool, out_dir: Path, resume: bool = True) -> list[di
             acc = {m: sum(r) / max(n, 1) for m, r in right.items()}
             best = max(b.members, key=lambda m: acc[m])
             oracle = sum(any(right[m][i] for m in b.members) for i in range(n)) / max(n, 1)
-            for variant in (v for spec in ab.variants for v in expand(spec)):
+            for variant in (v for spec in ab.variants if not spec.backends or bname in spec.backends
+                            for v in expand(spec)):
                 opts = ensemble_options(b, variant)
                 what = {"backend": bname, "config": config_to_dict(b), "variant": variant}
 

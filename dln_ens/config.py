@@ -128,6 +128,7 @@ class AblateVariant:
     fusion: dict = field(default_factory=dict)
     weighting: Any = None              # a scheme (`fusion.weighting.SCHEMES`), a list of them, or null
     weighting_temperature: Any = 0.1   # a number or a list of numbers
+    backends: Union[list[str], None] = None   # a subset of ablate.backends; None = all of them
 
 
 @dataclass
@@ -244,9 +245,16 @@ def _check_ablate(cfg: Config, ctx: CheckContext) -> None:
     for t in ab.instructions:
         if t not in ab.tasks:
             raise ctx.error(f"ablate.instructions.{t}", f"not one of ablate.tasks {ab.tasks}")
+    for j, spec in enumerate(ab.variants):
+        for k, name in enumerate(spec.backends or ()):
+            if name not in ab.backends:
+                raise ctx.error(f"ablate.variants[{j}].backends[{k}]", f"{name!r} is not one of ablate.backends "
+                                                                         f"{ab.backends}")
     for i, name in enumerate(ab.backends):
         b = ctx.need(f"ablate.backends[{i}]", name, ("ensemble",))
         for j, spec in enumerate(ab.variants):
+            if spec.backends and name not in spec.backends:
+                continue
             for cell in expand(spec):
                 try:
                     ensemble_options(b, cell).check(b.members)

@@ -106,7 +106,9 @@ def fusion_summary(cfg: Config, rows: list[dict]) -> str:
             continue
         best = max(members, key=lambda m: acc[m])
         top = max(ens, key=lambda n: acc[n])
-        line = (f"- {task}: best fusion **{top}** ({cfg.backends[top].method}) {acc[top]:.3f} vs the best member "
+        b = cfg.backends[top]
+        how = b.method + (f", {b.weighting} weighting" if b.weighting else "")
+        line = (f"- {task}: best fusion **{top}** ({how}) {acc[top]:.3f} vs the best member "
                 f"{best} {acc[best]:.3f}: **{acc[top] - acc[best]:+.3f}**")
         deepen = [n for n in ens if cfg.backends[n].method == "deepen" and n != top]
         line += "".join(f"; DeePEn ({n}) {acc[n]:.3f} ({acc[n] - acc[best]:+.3f})" for n in deepen)

@@ -74,7 +74,9 @@ def test_ablate_without_matplotlib_still_writes_tables(tmp_path, tiny_gpt2_dir, 
 def test_ablate_config_errors_name_the_key(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
     for bad, where in (({"variants": [{"method": "unite", "fusion": {"topk": [2, 0]}}]}, "ablate.variants[0].topk"),
                        ({"variants": [{"method": "unite", "weighting": "entropyy"}]}, "ablate.variants[0].weighting"),
-                       ({"backends": ["g"]}, "ablate.backends[0]")):
+                       ({"backends": ["g"]}, "ablate.backends[0]"),
+                       ({"variants": [{"method": "main", "backends": ["ens", "other"]}]},
+                        "ablate.variants[0].backends[1]")):
         data = json.loads(conf(tmp_path, tiny_gpt2_dir, tiny_llama_dir, **bad).read_text())
         with pytest.raises(ConfigError, match=where.replace("[", r"\[").replace("]", r"\]")):
             parse_config(data, "conf.json")
@@ -84,10 +86,11 @@ def test_fusion_summary_names_the_best_fusion_and_deepens_figure(tmp_path, tiny_
     from dln_ens.evaluate import fusion_summary
     data = json.loads(conf(tmp_path, tiny_gpt2_dir, tiny_llama_dir).read_text())
     data["backends"]["dp"] = dict(data["backends"]["ens"], method="deepen")
+    data["backends"]["ens"]["weighting"] = "entropy"
     cfg = parse_config(data, "conf.json", check_paths=False)
     rows = [{"backend": b, "task": "facts_qa", "accuracy": a} for b, a in
             (("g", 0.5), ("l", 0.6), ("ens", 0.75), ("dp", 0.55))]
     text = fusion_summary(cfg, rows)
-    assert "best fusion **ens** (unite) 0.750 vs the best member l 0.600: **+0.150**" in text
+    assert "best fusion **ens** (unite, entropy weighting) 0.750 vs the best member l 0.600: **+0.150**" in text
     assert "DeePEn (dp) 0.550 (-0.050)" in text
     assert fusion_summary(cfg, rows[:2]) == ""              # no ensemble evaluated
