@@ -31,7 +31,8 @@ def test_continuation_scores_equal_from_scratch_forwards(members):  # noqa: F811
                 assert b"".join(token_surfaces(members[n].tokenizer)[i] for i in seq) == word.encode()
                 rows.append(b)
                 seqs.append(seq)
-        got = lanes[n].continuation_logprobs(rows, seqs, chunk=5)
+        with torch.no_grad():
+            got = lanes[n].continuation_logprobs(rows, seqs, chunk=5)
         for r, seq, g in zip(rows, seqs, got):
             want = sum(full_logprobs(members[n], cur[r] + seq)[len(cur[r]) - 1:])
             assert float(g) == pytest.approx(want, abs=1e-4)
@@ -57,7 +58,8 @@ def test_prompt_perplexity_weights_use_each_members_prompt_nll_per_byte(members)
                                 weighting_temperature=0.5)
     texts = PROMPTS[1:3]
     main_ids = [members["bpe"].nonempty(ids) for ids in members["bpe"].encode_many(texts)]
-    _, lanes = ens._start(texts, main_ids)
+    with torch.no_grad():
+        _, lanes = ens._start(texts, main_ids)
     for n, m in members.items():
         for b, t in enumerate(texts):
             ids = main_ids[b] if n == "bpe" else m.encode(t)

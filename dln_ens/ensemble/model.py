@@ -16,6 +16,10 @@ are invisible, and the fusion is row-independent). Finished rows leave the cache
 All member calls go through ``member.forward`` (MoD members override it); members may sit on
 different devices; the fusion runs on ``compute_device``.
 
+Methods that read more than the logits (`surface`; perplexity weighting) get a `StepContext`
+from ``_fused``: a batched scorer of token continuations on each member's cache
+(``_Lane.continuation_logprobs``) and each member's NLL of the prompt per byte.
+
 Speed defaults (``python -m dln_ens.bench decode``): ``tail_mass=1e-4, max_support=256``
 restrict the relative-space work to each distribution's top tokens (`fusion.relative`). Against
 the exact search on the same dense matrices it changed no argmax and cost KL ~1e-5; what
