@@ -180,9 +180,11 @@ def write_plots(rows: list[dict], out_dir: Path) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     if not tasks:
         return
+    per_task = max(sum(r["task"] == t for r in rows) for t in tasks)
+    longest = max(len(n) for n in _names(rows))
+    size = (max(6.0, 0.45 * per_task + 4), (3.0 + 0.07 * longest) * len(tasks))   # room for the tick labels
     for name, draw in (("accuracy", _accuracy_panel), ("gains", _gains_panel)):
-        fig, axes = plt.subplots(len(tasks), 1, figsize=(max(6.0, 0.55 * len(rows) / len(tasks) + 3), 3.6 * len(tasks)),
-                                 squeeze=False)
+        fig, axes = plt.subplots(len(tasks), 1, figsize=size, squeeze=False)
         for ax, task in zip(axes[:, 0], tasks):
             draw(ax, [r for r in rows if r["task"] == task], task)
         fig.tight_layout()
@@ -208,7 +210,7 @@ def _accuracy_panel(ax, rows, task):
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
     ax.set_title(f"{task} (n={first['n']})")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
 def _gains_panel(ax, rows, task):
@@ -219,4 +221,4 @@ def _gains_panel(ax, rows, task):
     ax.set_xticks(list(x), _names(rows), rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("questions")
     ax.set_title(f"{task}: against the main member ({rows[0]['main']})")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
