@@ -1,4 +1,4 @@
-"""`dln-ens zoo | mat | run | tune-mod | serve | tasks`: the command line.
+"""`dln-ens zoo | mat | run | ablate | tune-mod | serve | tasks`: the command line.
 
 Every command takes ``--conf`` (default ``conf/default.json``) and validates the whole config
 before anything loads, so a typo fails in a second, not after the models are in memory.
@@ -65,14 +65,34 @@ def cmd_run(args) -> int:
             n for s in (cfg.dln.systems if do_dln else []) for n in (s.backend, s.hidden_backend, s.proposer, s.posterior) if n])
         write_json(run_dir / "config.json", config_to_dict(cfg))
         if do_eval:
-            from dln_ens.evaluate import eval_table, evaluate
+            from dln_ens.evaluate import eval_table, evaluate, fusion_summary
             rows = evaluate(cfg, pool, run_dir, resume=not args.fresh, tasks=tasks)
             print(f"\n## Backends on held-out tasks ({cfg.eval.split})\n")
             print(eval_table(rows))
+            print(fusion_summary(cfg, rows))
         if do_dln:
             from dln_ens.dln.run import run_dln
             run_dln(cfg, pool, run_dir, resume=not args.fresh, plan=plan)
     print(f"run {cfg.name}: {time.perf_counter() - t0:.0f} s; results in {run_dir}/")
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from dln_ens.ablate import run_ablate
+    from dln_ens.backends import BackendPool
+    from dln_ens.io import markdown_table
+
+    cfg = _conf(args)
+    if cfg.ablate is None:
+        print(f"{args.conf}: no \"ablate\" section; add \"ablate\": {{\"backends\": [\"<ensemble>\"], "
+              f"\"variants\": [{{\"method\": \"deepen\"}}, {{\"method\": \"unite\"}}]}}")
+        return 1
+    out = Path(cfg.runs_dir) / cfg.name / "ablate"
+    t0 = time.perf_counter()
+    rows = run_ablate(cfg, BackendPool(cfg), out, resume=not args.fresh)
+    from dln_ens.ablate import COLUMNS
+    print(markdown_table(rows, COLUMNS))
+    print(f"ablate {cfg.name}: {len(rows)} cells, {time.perf_counter() - t0:.0f} s; results in {out}/")
     return 0
 
 
@@ -127,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fresh", action="store_true", help="ignore saved progress and start over")
     sp.add_argument("--only", action="append", choices=["eval", "dln"],
                     help="run only this part (repeatable)")
+
+    sp = add("ablate", cmd_ablate, "evaluate the config's ablation grid (fusion variants x ensemble backends "
+                                   "x tasks); writes runs/<name>/ablate/ (tables, plots) and resumes by default")
+    sp.add_argument("--fresh", action="store_true", help="recompute every cell")
 
     add("tune-mod", cmd_tune_mod, "train the norms and router of a Mixture-of-Depths member "
                                   "(config section tune_mod) and save its head beside the base model")

@@ -22,6 +22,7 @@ from dln_ens.confparse import (ConfigError, Ctx, above, at_least, check_fields, 
                                read_json_with_comments, strip_comments)
 
 __all__ = ["Config", "ConfigError", "ZooConfig", "EvalConfig", "DLNConfig", "DLNSystem", "TuneModConfig",
+           "AblateConfig", "AblateVariant",
            "HFBackend", "ModBackend", "EnsembleBackend", "ClassBackend", "load_config", "parse_config",
            "config_to_dict", "check_dln_config", "require_model_dir"]
 
@@ -133,6 +134,30 @@ class TuneModConfig:
 
 
 @dataclass
+class AblateVariant:
+    """One fusion method of the ablation grid; a list value in ``fusion``, ``weighting`` or
+    ``weighting_temperature`` is an axis: every combination is a cell."""
+    method: str
+    fusion: dict = field(default_factory=dict)
+    weighting: Any = None              # a scheme (`fusion.weighting.SCHEMES`), a list of them, or null
+    weighting_temperature: Any = 0.1   # a number or a list of numbers
+    backends: Union[list[str], None] = None   # a subset of ablate.backends; None = all of them
+
+
+@dataclass
+class AblateConfig:
+    """`dln-ens ablate`: variants x ensemble backends x tasks (`dln_ens.ablate`)."""
+    backends: list[str] = field(default_factory=list)       # ensemble backends (members, main, matrices)
+    variants: list[AblateVariant] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=lambda: ["facts_qa", "navigate"])
+    split: Literal["dev", "test"] = "test"
+    num_examples: Union[int, None] = 60
+    max_new_tokens: int = 12
+    batch_size: int = 16
+    instructions: dict[str, str] = field(default_factory=dict)   # default: eval.instructions
+
+
+@dataclass
 class Config:
     name: str = field(metadata={"name": True})   # the run directory's name (runs/<name>/)
     backends: dict[str, Backend]
@@ -140,6 +165,7 @@ class Config:
     eval: Union[EvalConfig, None] = None
     dln: Union[DLNConfig, None] = None
     tune_mod: Union[TuneModConfig, None] = None
+    ablate: Union[AblateConfig, None] = None
     runs_dir: str = "runs"
     source: str = field(default="<dict>", metadata={"internal": True})
 
@@ -227,6 +253,8 @@ def _check_references(cfg: Config, ctx: CheckContext) -> None:
             check_tune_mod_config(cfg.tune_mod)
         except ConfigError as e:
             raise ConfigError(f"{ctx.source}: {e}") from None
+    if cfg.ablate is not None:
+        _check_ablate(cfg, ctx)
 
 
 _MATRIX_SETTINGS = ("members", "temperature", "topk", "num_anchors", "anchors")
@@ -276,6 +304,41 @@ def check_lora_settings(s: LoraSettings, where: str = "tune_mod.lora") -> None:
                           f"or null for the architecture's default")
     if s.lr is not None and s.lr <= 0:
         raise ConfigError(f"key '{where}.lr': must be > 0, or null for tune_mod.lr")
+
+
+def _check_ablate(cfg: Config, ctx: CheckContext) -> None:
+    """Every grid cell's options are checked as the ensemble would check them."""
+    from dln_ens.ablate import ensemble_options, expand
+    from dln_ens.fusion.base import SettingsError
+    ab = cfg.ablate
+    if not ab.backends or not ab.variants:
+        raise ctx.error("ablate", "needs \"backends\": [ensemble backends] and \"variants\": "
+                                  "[{\"method\": \"deepen\"}, ...]")
+    for key in ("batch_size", "max_new_tokens"):
+        if getattr(ab, key) < 1:
+            raise ctx.error(f"ablate.{key}", f"must be at least 1, got {getattr(ab, key)}")
+    if ab.num_examples is not None and ab.num_examples < 1:
+        raise ctx.error("ablate.num_examples", "must be at least 1 (or null: the whole split)")
+    for t in ab.instructions:
+        if t not in ab.tasks:
+            raise ctx.error(f"ablate.instructions.{t}", f"not one of ablate.tasks {ab.tasks}")
+    for j, spec in enumerate(ab.variants):
+        for k, name in enumerate(spec.backends or ()):
+            if name not in ab.backends:
+                raise ctx.error(f"ablate.variants[{j}].backends[{k}]", f"{name!r} is not one of ablate.backends "
+                                                                         f"{ab.backends}")
+    for i, name in enumerate(ab.backends):
+        b = ctx.need(f"ablate.backends[{i}]", name, ("ensemble",))
+        for j, spec in enumerate(ab.variants):
+            if spec.backends and name not in spec.backends:
+                continue
+            for cell in expand(spec):
+                try:
+                    ensemble_options(b, cell).check(b.members)
+                except (SettingsError, TypeError) as e:
+                    key = getattr(e, "key", None)
+                    where = f"ablate.variants[{j}]" + (f".{key}" if key else "")
+                    raise ctx.error(where, f"{e} (in cell {cell})") from None
 
 
 def check_dln_config(d: DLNConfig, where: str = "dln") -> None:

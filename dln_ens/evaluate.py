@@ -108,15 +108,37 @@ def _evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool, tasks
             atomic_write_text(cell, json.dumps({"key": key, "row": row}, indent=1))
             rows.append(row)
     write_jsonl(run_dir / "eval_results.jsonl", rows)
-    atomic_write_text(run_dir / "eval_results.md", eval_table(rows))
+    atomic_write_text(run_dir / "eval_results.md", eval_table(rows) + "\n" + fusion_summary(cfg, rows))
     return rows
+
+
+def fusion_summary(cfg: Config, rows: list[dict]) -> str:
+    """Per task: the best evaluated ensemble against the best of its evaluated members, and
+    each DeePEn ensemble's figure beside it (Markdown lines; empty without an ensemble)."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        acc = {r["backend"]: r["accuracy"] for r in rows if r["task"] == task}
+        ens = [n for n in acc if cfg.backends[n].type == "ensemble"]
+        members = [m for m in dict.fromkeys(m for n in ens for m in cfg.backends[n].members) if m in acc]
+        if not ens or not members:
+            continue
+        best = max(members, key=lambda m: acc[m])
+        top = max(ens, key=lambda n: acc[n])
+        b = cfg.backends[top]
+        how = b.method + (f", {b.weighting} weighting" if b.weighting else "")
+        line = (f"- {task}: best fusion **{top}** ({how}) {acc[top]:.3f} vs the best member "
+                f"{best} {acc[best]:.3f}: **{acc[top] - acc[best]:+.3f}**")
+        deepen = [n for n in ens if cfg.backends[n].method == "deepen" and n != top]
+        line += "".join(f"; DeePEn ({n}) {acc[n]:.3f} ({acc[n] - acc[best]:+.3f})" for n in deepen)
+        lines.append(line)
+    return "Fusion against the best member:\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def eval_table(rows: list[dict]) -> str:
     """Backend, fusion method and every fusion setting some row has, task, accuracy."""
     from dln_ens.fusion.registry import setting_names
-    cols = ["backend", "type", "method", *setting_names(), "matrix", "task", "instruction", "n", "accuracy",
-            "truncated", "seconds"]
+    cols = ["backend", "type", "method", "weighting", *setting_names(), "matrix", "task", "instruction", "n",
+            "accuracy", "truncated", "seconds"]
     return markdown_table(rows, cols)
 
 

@@ -58,7 +58,8 @@ def _check(b: EnsembleBackend, name: str, ctx: CheckContext) -> None:
     try:
         b.options().check(b.members)
     except SettingsError as e:
-        key = e.key if e.key in ("weights", "score_mode", "batch_size", "window") else f"fusion.{e.key}"
+        key = e.key if e.key in ("weights", "weighting", "weighting_temperature", "score_mode", "batch_size",
+                                 "window") else f"fusion.{e.key}"
         raise ctx.error(f"{where}.{key}", str(e)) from None
 
 
@@ -79,7 +80,8 @@ def _describe(b: EnsembleBackend) -> dict:
     from dln_ens.fusion.registry import fusion_settings
     import dataclasses
     info = {"members": "+".join(b.members), "main": b.main, "method": b.method, "score_mode": b.score_mode,
-            "weights": "uniform" if b.weights is None else b.weights}
+            "weights": "uniform" if b.weights is None else b.weights,
+            "weighting": b.weighting or ("fixed" if b.weights else "uniform")}
     info.update(dataclasses.asdict(fusion_settings(b.method, b.fusion, len(b.members))))
     if b.uses_matrices():
         info["matrix"] = "dense" if b.topk is None else f"sparse k={b.topk}"

@@ -16,6 +16,10 @@ are invisible, and the fusion is row-independent). Finished rows leave the cache
 All member calls go through ``member.forward`` (MoD members override it); members may sit on
 different devices; the fusion runs on ``compute_device``.
 
+Methods that read more than the logits (`surface`; perplexity weighting) get a `StepContext`
+from ``_fused``: a batched scorer of token continuations on each member's cache
+(``_Lane.continuation_logprobs``) and each member's NLL of the prompt per byte.
+
 Speed defaults (``python -m dln_ens.bench decode``): ``tail_mass=1e-4, max_support=256``
 restrict the relative-space work to each distribution's top tokens (`fusion.relative`). Against
 the exact search on the same dense matrices it changed no argmax and cost KL ~1e-5; what
@@ -28,6 +32,7 @@ differently); stop strings are searched in that text.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Sequence
@@ -36,8 +41,9 @@ import numpy as np
 import torch
 
 from dln_ens.ensemble.align import TokenTrack, final_text, visible_text
+from dln_ens.ensemble.continuation import Continuations
 from dln_ens.ensemble.options import EnsembleOptions
-from dln_ens.fusion.base import Vocab
+from dln_ens.fusion.base import StepContext, Vocab
 from dln_ens.fusion.registry import fusion_class, fusion_settings, make_fusion
 from dln_ens.lm.base import Generation, Score, missing_member_parts
 from dln_ens.lm.batching import chunks, pad, positions
@@ -48,13 +54,33 @@ from dln_ens.relrep.vocab import token_surfaces
 
 
 
-class _Lane:
-    """One member's batched decoding state: a KV cache whose mask may have holes."""
+def _cache_rows(cache, idx: torch.Tensor):
+    """A KV cache holding rows ``idx`` of ``cache`` (repeats allowed); ``cache`` is left as it is."""
+    if not hasattr(cache, "layers"):
+        cache = copy.deepcopy(cache)
+    else:
+        cache = copy.copy(cache)
+        cache.layers = [copy.copy(layer) for layer in cache.layers]
+    cache.batch_select_indices(idx)
+    return cache
 
-    def __init__(self, member, seqs: list[list[int]]):
+
+class _Lane:
+    """One member's batched decoding state: a KV cache whose mask may have holes.
+    ``prompt_nll=True`` also keeps each row's summed NLL of its prompt tokens (``prompt_nll``)."""
+
+    def __init__(self, member, seqs: list[list[int]], prompt_nll: bool = False):
         self.member = member
         ids, mask = pad(seqs, member.pad_token_id, "left", member.device)
-        self.logits, self.cache = member.last_logits(ids, mask, None, positions(mask, ids.shape[1]))
+        self.prompt_nll = None
+        if prompt_nll:   # all positions' logits: B x T x V floats, once per prompt
+            logits, self.cache = member.forward(ids, mask, None, positions(mask, ids.shape[1]))
+            self.logits = logits[:, -1]
+            lp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None].to(logits.device))[..., 0]
+            seen = (mask[:, :-1] * mask[:, 1:]).to(lp.device)
+            self.prompt_nll = -(lp * seen).sum(-1)
+        else:
+            self.logits, self.cache = member.last_logits(ids, mask, None, positions(mask, ids.shape[1]))
         self.mask = mask
         width = ids.shape[1]
         self.slots = [list(range(width - len(s), width)) for s in seqs]   # cache column of each token
@@ -91,6 +117,34 @@ class _Lane:
         self.mask = self.mask[idx.to(self.mask.device)]
         self.logits = self.logits[idx.to(self.logits.device)]
         self.slots = [self.slots[r] for r in rows]
+        if self.prompt_nll is not None:
+            self.prompt_nll = self.prompt_nll[idx.to(self.prompt_nll.device)]
+
+    def continuation_logprobs(self, rows: list[int], seqs: list[list[int]], chunk: int = 256) -> torch.Tensor:
+        """[P] summed log-probs of each non-empty token list ``seqs[i]`` appended to row
+        ``rows[i]``: the first token from the current logits, the rest from one forward per chunk
+        of pairs over a copy of their rows' cache (the lane itself is not changed)."""
+        dev = self.logits.device
+        first = torch.tensor([s[0] for s in seqs], device=dev)
+        out = torch.log_softmax(self.logits[torch.tensor(rows, device=dev)], -1).gather(1, first[:, None])[:, 0]
+        longer = [i for i, s in enumerate(seqs) if len(s) > 1]
+        for part in chunks(longer, chunk):
+            idx = torch.tensor([rows[i] for i in part], device=self.mask.device)
+            feed = [seqs[i][:-1] for i in part]
+            ids, block = pad(feed, self.member.pad_token_id, "left", self.mask.device)
+            n = ids.shape[1]
+            pos = torch.zeros_like(ids)
+            for j, i in enumerate(part):
+                m, start = len(feed[j]), len(self.slots[rows[i]])
+                pos[j, n - m:] = torch.arange(start, start + m)
+            logits, _ = self.member.forward(ids, torch.cat([self.mask[idx], block], 1), _cache_rows(self.cache, idx),
+                                            pos)
+            lp = torch.log_softmax(logits, -1)
+            for j, i in enumerate(part):
+                m = len(feed[j])
+                tgt = torch.tensor(seqs[i][1:], device=lp.device)
+                out[i] += lp[j, n - m:].gather(1, tgt[:, None])[:, 0].sum().to(dev)
+        return out
 
 
 class EnsembleLanguageModel:
@@ -140,8 +194,11 @@ class EnsembleLanguageModel:
         cls = fusion_class(options.method)
         settings = fusion_settings(options.method, options.fusion, len(self.names))
         mats = self._load_matrices(matrices, matrix_params) if cls.needs_matrices(settings, len(self.names)) else None
+        self._continuations: dict[str, Continuations] = {}
         self.fusion = make_fusion(options.method, self.names, main, weights=options.weights, matrices=mats,
-                                  vocab=self._vocab, device=options.compute_device, **options.fusion)
+                                  vocab=self._vocab, continuation=self._continuation, weighting=options.weighting,
+                                  weighting_temperature=options.weighting_temperature,
+                                  device=options.compute_device, **options.fusion)
         self.compute_device = self.fusion.device
         self.truncated = 0   # examples cut on the left (members with truncate="left")
 
@@ -154,6 +211,12 @@ class EnsembleLanguageModel:
         tok = self.members[n].tokenizer
         surf = token_surfaces(tok)
         return Vocab(surf, tok.convert_ids_to_tokens(list(range(len(surf)))))
+
+    def _continuation(self, n: str, surface: bytes) -> list[int]:
+        if n not in self._continuations:
+            tok = self.members[n].tokenizer
+            self._continuations[n] = Continuations(tok, token_surfaces(tok))
+        return self._continuations[n](surface)
 
     def _load_matrices(self, matrices, params: dict | None):
         """{member: RelRepMatrix}, checked against the members."""
@@ -216,13 +279,22 @@ class EnsembleLanguageModel:
                 if not tr.ids:
                     raise ValueError(f"member {n!r} encodes the context {t[:40]!r} to no tokens; "
                                      f"give a non-empty context")
-        lanes = {self.main: _Lane(self.main_member, main_ids)}
+        nll = self.fusion.weighting.needs_prompt_nll
+        lanes = {self.main: _Lane(self.main_member, main_ids, nll)}
         for n in tracks:
-            lanes[n] = _Lane(self.members[n], [tr.ids for tr in tracks[n]])
+            lanes[n] = _Lane(self.members[n], [tr.ids for tr in tracks[n]], nll)
+        if nll:   # per byte: members tokenise differently
+            nbytes = torch.tensor([max(len(t.encode("utf-8")), 1) for t in texts], dtype=torch.float32)
+            for lane in lanes.values():
+                lane.prompt_nll = lane.prompt_nll / nbytes.to(lane.prompt_nll.device)
         return tracks, lanes
 
     def _fused(self, lanes) -> torch.Tensor:
-        return self.fusion({n: lane.logits for n, lane in lanes.items()})
+        step = None
+        if self.fusion.needs_step():
+            step = StepContext(score=lambda n, rows, seqs: lanes[n].continuation_logprobs(rows, seqs),
+                               prompt_nll={n: lane.prompt_nll for n, lane in lanes.items()})
+        return self.fusion({n: lane.logits for n, lane in lanes.items()}, step)
 
     @torch.inference_mode()
     def _run(self, texts: list[str], main_ids: list[list[int]], max_new_tokens: int, stop: Sequence[str] = (),

@@ -14,6 +14,10 @@ class EnsembleOptions:
     method: str = "deepen"                  # a name in `fusion.registry.FUSION_METHODS`
     fusion: dict = field(default_factory=dict)      # the method's own settings (e.g. lr, steps)
     weights: Union[dict[str, float], None] = None   # None = uniform
+    # `fusion.weighting`: uniform | fixed | entropy (per step) | perplexity (per prompt); None =
+    # 'fixed' when weights are given, else 'uniform'; the given weights are the prior of the dynamic ones
+    weighting: Union[str, None] = None
+    weighting_temperature: float = 0.1
     score_mode: Literal["exact", "fast"] = "exact"
     compute_device: str = "cpu"             # where the fusion runs
     batch_size: Union[int, None] = None     # None = the main member's
@@ -24,7 +28,7 @@ class EnsembleOptions:
         """Refuse what would fail later or silently change the result (`ValueError`s naming the
         setting); the fusion method checks its own settings."""
         from dln_ens.fusion.base import normalise_weights
-        from dln_ens.fusion.registry import fusion_settings
+        from dln_ens.fusion.registry import fusion_class, fusion_settings, make_weighting
         from dln_ens.fusion.base import SettingsError
         if self.score_mode not in SCORE_MODES:
             raise SettingsError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}", "score_mode")
@@ -35,3 +39,8 @@ class EnsembleOptions:
             raise SettingsError(f"window must be at least 1, got {self.window}", "window")
         normalise_weights(list(members), self.weights)
         fusion_settings(self.method, self.fusion, len(members))
+        weighting = make_weighting(self.weighting, self.weighting_temperature, self.weights)
+        if self.score_mode == "fast" and (fusion_class(self.method).reads_continuations or weighting.needs_prompt_nll):
+            raise SettingsError(f"score_mode 'fast' runs each member once over the whole text, which leaves no "
+                                f"per-prefix state for method {self.method!r} / weighting {weighting.scheme!r}; "
+                                f"use score_mode 'exact'", "score_mode")

@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 
 from dln_ens.checks import SettingError, check_number, check_weights
 from dln_ens.relrep.matrix import RelRepMatrix
+
+if TYPE_CHECKING:
+    from dln_ens.fusion.weighting import Weighting
 
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
@@ -31,13 +34,31 @@ class Vocab:
 @dataclass
 class FusionSetup:
     """Everything a method may need besides its settings. ``matrices`` is filled only for
-    methods whose ``needs_matrices`` is true; ``vocab(name)`` computes a member's `Vocab` on demand."""
+    methods whose ``needs_matrices`` is true; ``vocab(name)`` computes a member's `Vocab` on demand;
+    ``continuation(name, surface)`` is the member's token ids of ``surface`` as a continuation of
+    running text ([] when it cannot tokenise it: `ensemble.continuation`); ``weighting`` is the
+    `fusion.weighting.Weighting` that turns ``weights`` into per-row weights at each step."""
     names: list[str]
     main: str
     weights: list[float]                       # normalised, in the order of ``names``
     device: torch.device
     matrices: dict[str, RelRepMatrix] | None = None
     vocab: Callable[[str], Vocab] | None = None
+    continuation: Callable[[str, bytes], list[int]] | None = None
+    weighting: "Weighting | None" = None
+
+
+@dataclass
+class StepContext:
+    """What the ensemble offers a method at one step besides the logits (rows as in the logits).
+
+    ``score(name, rows, seqs)``: member ``name``'s summed log-probability [P] of each token-id
+    list ``seqs[i]`` as the continuation of row ``rows[i]``'s current sequence, all pairs in one
+    batched forward on top of that member's KV cache (`ensemble.model._Lane.continuation_logprobs`).
+    ``prompt_nll``: per member, the prompt's negative log-likelihood per byte [B] (only when the
+    weighting asks for it)."""
+    score: Callable[[str, list[int], list[list[int]]], torch.Tensor]
+    prompt_nll: dict[str, torch.Tensor] | None = None
 
 
 class SettingsError(SettingError):
@@ -79,20 +100,35 @@ class Fusion:
     def needs_vocab(cls, settings, num_members: int) -> bool:
         return False
 
+    #: the method reads `StepContext.score` (member scores of text continuations)
+    reads_continuations: ClassVar[bool] = False
+    #: the method needs ``FusionSetup.continuation`` (members' tokenisation of surfaces)
+    tokenises_text: ClassVar[bool] = False
+
     def __init__(self, setup: FusionSetup, settings):
+        from dln_ens.fusion.weighting import Weighting
         self.setup, self.settings = setup, settings
         self.names, self.main, self.weights, self.device = setup.names, setup.main, setup.weights, setup.device
+        self.weighting = setup.weighting or Weighting()
+
+    def needs_step(self) -> bool:
+        """Whether ``__call__`` needs a `StepContext` (the ensemble builds one only then)."""
+        return self.reads_continuations or self.weighting.needs_prompt_nll
+
+    def row_weights(self, logits: dict[str, torch.Tensor], step: StepContext | None = None) -> torch.Tensor:
+        """[B, N] member weights per row (rows sum to 1), in the order of ``names``."""
+        return self.weighting.row_weights(self.names, self.weights, logits, step, self.device)
 
     def active(self) -> list[str]:
         """Members whose logits this method reads (the main member first)."""
         return [self.main] + [n for n in self.names if n != self.main]
 
-    def __call__(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, logits: dict[str, torch.Tensor], step: StepContext | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def describe(self) -> dict:
         """Settings as a results table shows them."""
-        return {"method": self.name, **dataclasses.asdict(self.settings)}
+        return {"method": self.name, **dataclasses.asdict(self.settings), **self.weighting.describe()}
 
 
 def normalise_weights(names: list[str], weights: dict[str, float] | None) -> list[float]:

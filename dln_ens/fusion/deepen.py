@@ -65,7 +65,7 @@ class DeepenFusion(Fusion):
         s = self.settings
         return None if s.tail_mass <= 0 else top_mass_support(probs, s.tail_mass, s.max_support)
 
-    def __call__(self, logits):
+    def __call__(self, logits, step=None):
         z = logits[self.main].to(self.device, torch.float32)
         if not self.search:
             return torch.log_softmax(z, -1)
@@ -76,5 +76,6 @@ class DeepenFusion(Fusion):
             rels.append(to_relative(p, self.matrices[n], support))
             if n == self.main:
                 main_support = support
-        q = aggregate(rels, self.weights)
+        w = self.row_weights(logits, step)
+        q = aggregate(rels, [w[:, i:i + 1] for i in range(len(self.names))])
         return deepen_inverse(z, q, self.matrices[self.main], self.settings.lr, self.settings.steps, main_support)

@@ -12,5 +12,5 @@ class MainFusion(Fusion):
     def active(self) -> list[str]:
         return [self.main]
 
-    def __call__(self, logits):
+    def __call__(self, logits, step=None):
         return torch.log_softmax(logits[self.main].to(self.device, torch.float32), -1)

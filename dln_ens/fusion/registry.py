@@ -11,11 +11,16 @@ from dln_ens.fusion.base import Fusion, FusionSetup, SettingsError, Vocab, norma
 from dln_ens.fusion.deepen import DeepenFusion
 from dln_ens.fusion.main_only import MainFusion
 from dln_ens.fusion.union import UnionFusion
+from dln_ens.fusion.unite import UniteFusion
+from dln_ens.fusion.surface import SurfaceFusion
+from dln_ens.fusion.weighting import Weighting
 
 FUSION_METHODS: dict[str, type[Fusion]] = {
     "deepen": DeepenFusion,
     "main": MainFusion,
     "union": UnionFusion,
+    "unite": UniteFusion,
+    "surface": SurfaceFusion,
 }
 
 
@@ -49,10 +54,19 @@ def fusion_settings(method: str, settings: dict, num_members: int):
     return s
 
 
+def make_weighting(weighting: str | None, temperature: float, weights) -> Weighting:
+    """The checked `Weighting`; None resolves to 'fixed' when weights are given, else 'uniform'."""
+    w = Weighting(weighting or ("fixed" if weights else "uniform"), temperature)
+    w.check(bool(weights))
+    return w
+
+
 def make_fusion(method: str, names: list[str], main: str, *, weights: dict[str, float] | None = None,
                 matrices=None, vocab: Callable[[str], Vocab] | dict[str, Vocab] | None = None,
-                device="cpu", **settings) -> Fusion:
-    """Build a fusion method by name; ``settings`` are the method's own knobs (e.g. lr, steps)."""
+                continuation: Callable[[str, bytes], list[int]] | None = None, weighting: str | None = None,
+                weighting_temperature: float = 0.1, device="cpu", **settings) -> Fusion:
+    """Build a fusion method by name; ``settings`` are the method's own knobs (e.g. lr, steps);
+    ``weighting`` one of `fusion.weighting.SCHEMES` (None: 'fixed' with weights, else 'uniform')."""
     names = list(names)
     if main not in names:
         raise SettingsError(f"main member {main!r} is not among the members {names}")
@@ -62,6 +76,9 @@ def make_fusion(method: str, names: list[str], main: str, *, weights: dict[str, 
         vocab = vocab.__getitem__
     if cls.needs_vocab(s, len(names)) and vocab is None:
         raise SettingsError(f"fusion method {method!r} needs every member's vocabulary (surfaces and tokens)")
+    if cls.tokenises_text and continuation is None:
+        raise SettingsError(f"fusion method {method!r} needs each member's tokenisation of text (continuation)")
+    scheme = make_weighting(weighting, weighting_temperature, weights)
     setup = FusionSetup(names, main, normalise_weights(names, weights), torch.device(device),
-                        matrices=matrices, vocab=vocab)
+                        matrices=matrices, vocab=vocab, continuation=continuation, weighting=scheme)
     return cls(setup, s)

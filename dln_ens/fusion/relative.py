@@ -128,8 +128,8 @@ def relative_grad(g_r: torch.Tensor, mat: RelRepMatrix, support: Support | None 
     return (picked * rows.vals).sum(-1) + rows.residual * uniform
 
 
-def aggregate(rels: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """``q = sum_m w_m r_m`` (weights already normalised to sum to 1)."""
+def aggregate(rels: list[torch.Tensor], weights: list) -> torch.Tensor:
+    """``q = sum_m w_m r_m`` (weights already normalised to sum to 1; floats or [B, 1] per row)."""
     q = torch.zeros_like(rels[0])
     for w, r in zip(weights, rels):
         q = q + w * r

@@ -5,22 +5,16 @@ surface s, 0 if it has none); a main token outside U keeps ``w_main p_main``, so
 gets probability zero (scores stay finite); then renormalise."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from dln_ens.fusion.base import Fusion, canonical_ids, check_finite
+from dln_ens.fusion.base import Fusion, canonical_ids
+from dln_ens.fusion.carry import TopkSettings
 
 
 class UnionFusion(Fusion):
     name = "union"
 
-    @dataclass(frozen=True)
-    class Settings:
-        topk: int = 10
-
-        def check(self, num_members: int) -> None:
-            check_finite(self, "topk", 1, integer=True)
+    Settings = TopkSettings
 
     @classmethod
     def needs_vocab(cls, settings, num_members: int) -> bool:
@@ -48,7 +42,7 @@ class UnionFusion(Fusion):
                 from_main[j] = own.get(s, -1)
             self.to_main[n], self.from_main[n] = to_main.to(self.device), from_main.to(self.device)
 
-    def __call__(self, logits):
+    def __call__(self, logits, step=None):
         if len(self.names) == 1:
             return torch.log_softmax(logits[self.main].to(self.device, torch.float32), -1)
         probs = {n: torch.softmax(logits[n].to(self.device, torch.float32), -1) for n in self.names}
@@ -62,7 +56,9 @@ class UnionFusion(Fusion):
             ok = mapped >= 0
             in_union[rows[ok], mapped[ok]] = True
         fused = torch.zeros_like(p_main)
-        for w, n in zip(self.weights, self.names):
+        weights = self.row_weights(logits, step)
+        for i, n in enumerate(self.names):
+            w = weights[:, i:i + 1]
             if n == self.main:
                 fused += w * p_main
                 continue
@@ -71,6 +67,6 @@ class UnionFusion(Fusion):
             on_main = torch.zeros_like(p_main)
             on_main[:, cols] = probs[n][:, src[cols]]
             fused += w * on_main * in_union
-        w_main = self.weights[self.names.index(self.main)]
+        w_main = weights[:, self.names.index(self.main)][:, None]
         fused = torch.where(in_union, fused, w_main * p_main)
         return torch.log(fused / fused.sum(-1, keepdim=True))
