@@ -427,3 +427,13 @@ def test_class_verbalizer_alternatives_are_aggregated(aggregation):
     assert out.class_index(["Y", "no", "No"]).tolist() == [0, 1, 1]
     with pytest.raises(ValueError, match="not one of the output classes"):
         out.class_index(["maybe"])
+
+
+def test_posterior_weights_are_uniform_from_temperature_100():
+    lm = ScriptedLM()
+    task = make_task(["Yes", "No"], n=4)
+    _, tr = dln2(lm, task, num_p_samples=2, num_h_samples=3, posterior_temp=100.0, memory_size=0)
+    rec = tr.step(task.train, 1)
+    assert rec["updated"]
+    for w in rec["posterior"]["weights"]:
+        assert w == pytest.approx([1 / 3] * 3)

@@ -253,8 +253,8 @@ class VariationalTrainer:
         mask = np.asarray([[j < len(H[i]) for j in range(Hmax)] for i in range(B)])
         cells = [(i, j) for i in range(B) for j in range(len(H[i]))]
 
-        # posterior weights under the current prompts
-        if Hmax > 1:
+        # posterior weights under the current prompts (uniform from T = 100 on, as the reference)
+        if Hmax > 1 and cfg.posterior_temp < 100:
             ll = np.zeros((B, Hmax))
             ll[tuple(zip(*cells))] = self._output_scores(
                 [p2] * len(cells), [x[i] for i, _ in cells], [y[i] for i, _ in cells],
@@ -266,7 +266,7 @@ class VariationalTrainer:
                                                          [H[i][j] for i, j in cells], cache)
             weights = E.posterior_weights(ll, prior, cfg.posterior_temp, mask)
         else:
-            weights = mask.astype(float)
+            weights = mask / mask.sum(axis=1, keepdims=True)
         h_star = [H[i][int(np.argmax(weights[i]))] for i in range(B)]
 
         # proposals for both layers in one call
