@@ -215,3 +215,23 @@ def test_paper_preset_fills_unset_keys_per_depth_and_task(tmp_path):
     assert (date2.trust_factor, date2.logp_penalty, date2.output_prompt) == (1.0, 1.0, "")
     demo = parse_config({**data, "dln": {**data["dln"], "preset": "demo"}}, check_paths=False).dln
     assert settings_for(demo, 2, "bbh/navigate") == demo
+
+
+def test_build_system_hidden_layer_defaults_and_old_behaviour_options():
+    from dln_ens.data.registry import load_task
+    from dln_ens.dln.run import build_system
+    from dln_ens.dln.templates import TemplateLibrary
+    task = load_task("test/dln_toy")
+    lm = ScriptedLM("fake")
+    system = DLNSystem(name="two", layers=2, backend="fake")
+    net, tr = build_system(system, DLNConfig(), task, lambda name: lm, TemplateLibrary())
+    assert net.prompts == {"p1": "", "p2": task.instruction}          # empty initial p1
+    assert net.hidden.stop == () and tr.posterior.stop == ()           # h runs to the token limit
+    assert [t.key for t in tr.posterior.templates] == ["suffix_forward_tbs_y:v2", "suffix_forward_tbs:v2"]
+    assert net.hidden.render("", "x").startswith("x\n\n")              # suffix form
+    old = DLNConfig(hidden_prompt=None, hidden_stop_at_newline=True, hidden_template="suffix_forward_tbs:v1",
+                    posterior_template="suffix_forward_tbs_y:v1", output_prompt="Start.")
+    net, tr = build_system(system, old, task, lambda name: lm, TemplateLibrary())
+    assert net.prompts == {"p1": task.instruction, "p2": "Start."}
+    assert net.hidden.stop == ("\n",) and tr.posterior.stop == ("\n",)
+    assert net.hidden.render("P", "x").startswith("P\n\nInput: x")     # prompt-first form
