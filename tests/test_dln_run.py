@@ -235,3 +235,19 @@ def test_build_system_hidden_layer_defaults_and_old_behaviour_options():
     assert net.prompts == {"p1": task.instruction, "p2": "Start."}
     assert net.hidden.stop == ("\n",) and tr.posterior.stop == ("\n",)
     assert net.hidden.render("P", "x").startswith("P\n\nInput: x")     # prompt-first form
+
+
+def test_a_paper_preset_run_with_shortened_splits(tmp_path):
+    """The reference's navigate settings (balanced batches, held-out ranking, memory, tolerance,
+    trust factor, decaying logp penalty, option stripping) run end to end; keys set win."""
+    short = dict(iters=2, batch_size=4, num_p_samples=3, num_h_samples=2, num_dev=4, num_test=4,
+                 hidden_max_new_tokens=16, proposal_max_new_tokens=16, baseline_shots=[])
+    cfg = make_cfg(tmp_path, preset="paper", set_keys=sorted(short), **short)
+    res = run_dln(cfg, FakePool(fake=ScriptedLM("fake"), other=ScriptedLM("other")))
+    two = res["systems"]["two"]["settings"]
+    assert two["balance_batch"] and two["held_out_prompt_ranking"] and two["strip_options_for_hidden"]
+    assert (two["iters"], two["batch_size"], two["trust_factor"], two["tolerance"]) == (2, 4, 1.0, 2)
+    rows = [json.loads(x) for x in (tmp_path / "toy" / "dln_two.jsonl").read_text().splitlines()]
+    updated = [r for r in rows[1:] if r["updated"]]
+    assert updated and all(r["logp_penalty"] == 1.0 * (1 - (r["iteration"] - 1) / 2) for r in updated)
+    assert res["systems"]["one"]["settings"]["val_freq"] == 2

@@ -142,6 +142,9 @@ def test_memory_prompts_join_the_candidates_and_proposals_rotate_over_them():
     # the reference's order: current, memory, new proposals (unique)
     assert [r["prompt"] for r in rec["p2_candidates"]] == ["INIT", "MEM", "A", "B", "C"]
     assert net.output.prompt == "MEM"
+    starts.clear()                           # the current prompt in memory comes up twice
+    tr.step(tr.task.train, 2)
+    assert starts == ["MEM", "MEM", "A"]
     _, tr0 = controlled(memory_size=0)
     tr0.remember({"p2": "MEM"}, 0.9)
     assert tr0.memory == [] and tr0.step(tr0.task.train, 1)["prompts"]["p2"] == "A"

@@ -166,11 +166,13 @@ class VariationalTrainer:
         return sorted(int(i) for i in perm[:half]), sorted(int(i) for i in perm[half:])
 
     def _job(self, current: str, key: str, infos: list[BackwardInfo]) -> ProposalJob:
+        """Proposals rotate over [current, *memory] as listed (the current prompt, usually also
+        in the memory, then comes up twice per round, as in the reference)."""
         cfg = self.cfg
         starts = [current] + (self._memory_prompts(key) if cfg.rotate_proposal_prompts else [])
         num = cfg.num_p_samples - 1 if cfg.proposals_include_current else cfg.num_p_samples
         half = cfg.held_out_prompt_ranking and cfg.held_out_mode == "per_proposal"
-        return ProposalJob(list(dict.fromkeys(starts)), infos, num, half)
+        return ProposalJob(starts, infos, num, half)
 
     def _candidates(self, current: str, proposals: list[str], key: str) -> list[str]:
         """Unique, in order: current, memory, proposals (the reference's order; variant
