@@ -66,14 +66,22 @@ class DLNSystem:
 
 @dataclass
 class DLNConfig:
-    # Defaults are sized for the offline demo (4 systems on the zoo's 512-position models, a few
-    # minutes on a laptop CPU); the DLN paper uses far more samples and iterations.
+    # Sizes default to the offline demo (the `demo` preset: 4+ systems on the zoo's 512-position
+    # models, a few minutes on a laptop CPU). `"preset": "paper"` fills every key the config does
+    # not set with the DLN reference's per-task settings (`dln_ens/dln/presets.py`). The algorithm's
+    # semantics default to the reference's (microsoft/deep-language-networks); the variants below
+    # marked "variant" keep other behaviours available by name, never by default.
+    preset: Literal["demo", "paper"] = "demo"
     task: str = "navigate"
     systems: list[DLNSystem] = field(default_factory=list)
     iters: int = field(default=4, metadata=at_least(0))
     batch_size: int = field(default=4, metadata=at_least(1))
-    num_p_samples: int = field(default=2, metadata=at_least(1))         # proposals per layer and iteration (+ current + memory prompts)
-    num_h_samples: int = field(default=2, metadata=at_least(0))         # posterior samples of h per example (+ the forward h)
+    balance_batch: bool = False     # round-robin over the target classes (the reference's --balance_batch)
+    num_p_samples: int = field(default=3, metadata=at_least(1))         # candidates per layer: the current prompt + num_p_samples - 1 proposals
+    proposals_include_current: bool = True   # variant False: num_p_samples *new* proposals + current
+    rotate_proposal_prompts: bool = True     # proposal i starts from [current, *memory][i % len]; variant False: current
+    num_h_samples: int = field(default=2, metadata=at_least(0))         # posterior samples of h per example
+    posterior_include_forward_h: bool = False   # variant True: the greedy h joins the posterior samples
     val_freq: int = field(default=1, metadata=at_least(1))
     num_dev: Union[int, None] = field(default=20, metadata=at_least(1))
     num_test: Union[int, None] = field(default=50, metadata=at_least(1))
@@ -81,10 +89,19 @@ class DLNConfig:
     posterior_temp: float = field(default=1.0, metadata=above(0))
     trust_factor: float = field(default=0.0, metadata=at_least(0))
     logp_penalty: float = field(default=0.0, metadata=at_least(0))
+    decay_logp_penalty: bool = True           # linear decay to 0 at the last iteration
+    logp_penalty_scale: Literal["batch", "wrong"] = "batch"   # sum over wrong / batch; variant: mean over wrong
     memory_size: int = field(default=2, metadata=at_least(0))
+    memory_policy: Literal["improvement", "top"] = "improvement"   # variant "top": best dev prompts of every validation
+    tolerance: int = field(default=-1, metadata=at_least(-1))            # reload the best prompts after this many validations without gain; -1 = never
     held_out_prompt_ranking: bool = False
+    held_out_mode: Literal["per_proposal", "split"] = "per_proposal"   # variant "split": one half proposes, the other ranks
+    skip_error_free_batches: bool = False    # variant True: no update without errors (DLN-1 log-prob scoring too)
     rewrite_wrong_only: bool = False
+    strip_options_for_hidden: bool = False   # the hidden layer reads the input without its "Options:" tail
+    class_aggregation: Literal["sum", "max"] = "sum"   # over a class's verbalizer alternatives "a|A"
     hidden_max_new_tokens: int = field(default=48, metadata=at_least(1))
+    hidden_stop_at_newline: bool = False     # variant True: h ends at its first newline
     output_max_new_tokens: int = field(default=16, metadata=at_least(1))
     proposal_max_new_tokens: int = field(default=32, metadata=at_least(1))
     proposal_temperature: float = field(default=0.7, metadata=at_least(0))
@@ -95,14 +112,19 @@ class DLNConfig:
     # template per role: "name" (version `templates`) or "name:version"
     output_template: str = "classify_forward"      # DLN-1 output layer
     residual_template: str = "classify_residual"   # DLN-2 output layer (input + h)
-    hidden_template: str = "suffix_forward_tbs"    # DLN-2 hidden layer
+    hidden_template: str = "suffix_forward_tbs:v2"  # DLN-2 hidden layer (prompt after the input); v1: before
     # the paper's backward template is "q_action_prompt" (v1); the compact version fits 512 positions
     proposal_template: str = "q_action_prompt:v1-short"
-    posterior_template: str = "suffix_forward_tbs_y"   # q(h | x, y)
+    # q(h | x, y); "a|b" draws one of the templates per sample (seeded), as the reference does
+    posterior_template: str = "suffix_forward_tbs_y:v2|suffix_forward_tbs:v2"
     proposal_max_examples: Union[int, None] = field(default=2, metadata=at_least(1))   # examples shown per proposal (errors first); None = batch
-    hidden_prompt: Union[str, None] = None   # initial DLN-2 first-layer prompt; None = task instruction
+    hidden_prompt: Union[str, None] = ""     # initial DLN-2 first-layer prompt; None = task instruction
+    output_prompt: Union[str, None] = None   # initial output-layer prompt; None = task instruction
     length_normalize: bool = True            # free-text log-likelihoods per token (DLN scorer)
+    baseline_shots: list[int] = field(default_factory=lambda: [0])   # zero/k-shot rows in the summary
     task_kwargs: dict = field(default_factory=dict)   # passed to load_task (e.g. root, seed)
+    # keys the config file set (the paper preset fills the others); filled by the parser
+    set_keys: list[str] = field(default_factory=list, metadata={"internal": True})
 
 
 @dataclass
@@ -210,6 +232,8 @@ def parse_config(data: dict, source: str = "<dict>", check_paths: bool = True) -
         raise ctx.error("backends", "missing required key; add \"backends\": {name: {\"type\": \"hf\", \"path\": ...}}")
     cfg.backends = _parse_backends(raw_backends, ctx)
     cfg.source = source
+    if cfg.dln is not None:
+        cfg.dln.set_keys = sorted(rest["dln"])
     _check_references(cfg, check_context(cfg, check_paths))
     return cfg
 
@@ -344,6 +368,8 @@ def _check_ablate(cfg: Config, ctx: CheckContext) -> None:
 def check_dln_config(d: DLNConfig, where: str = "dln") -> None:
     """Value checks of a DLN section (also run by `run_dln` for configs built in Python)."""
     check_fields(d, where)   # the range metadata of every field
+    if any(k < 0 for k in d.baseline_shots):
+        raise ConfigError(f"key '{where}.baseline_shots': shots must be >= 0, got {d.baseline_shots}")
     if not d.systems:
         raise ConfigError(f"key '{where}.systems': empty; add e.g. {{\"name\": \"dln1\", \"layers\": 1, "
                           f"\"backend\": \"<backend name>\"}}")

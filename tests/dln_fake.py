@@ -51,6 +51,32 @@ class ScriptedLM:
         return np.asarray([[self.logp(c, " " + k) for k in candidates] for c in contexts])
 
 
+class TokenizingLM(ScriptedLM):
+    """A ScriptedLM whose tokens are characters (``encode_many``), so that token accounting
+    can be checked: it logs the texts it receives."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.received: list[str] = []
+        self.scored_tokens = 0
+
+    def encode_many(self, texts):
+        return [list(t) for t in texts]
+
+    def generate(self, prompts, **kwargs):
+        self.received += list(prompts)
+        return super().generate(prompts, **kwargs)
+
+    def score(self, contexts, targets):
+        self.received += list(contexts)
+        self.scored_tokens += sum(num_tokens(t) for t in targets)
+        return super().score(contexts, targets)
+
+    def next_token_logprobs(self, contexts, candidates):
+        self.received += list(contexts)
+        return super().next_token_logprobs(contexts, candidates)
+
+
 def cut(text: str, stop) -> str:
     """What a real backend returns: the text up to the first stop string."""
     ends = [text.find(s) for s in stop if s and s in text]

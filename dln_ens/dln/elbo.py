@@ -56,13 +56,20 @@ def trust_kl(class_probs: np.ndarray) -> np.ndarray:
     return terms.sum(-1).mean(0)
 
 
-def penalty(wrong_loglik: np.ndarray, wrong: np.ndarray) -> np.ndarray:
-    """Mean over the wrong examples of the log-likelihood each candidate gives to the wrong
-    output the current prompts produced: [B, K], [B] bool -> [K] (zeros if none wrong)."""
+def penalty(wrong_loglik: np.ndarray, wrong: np.ndarray, scale: str = "batch") -> np.ndarray:
+    """The log-likelihood each candidate gives to the wrong outputs the current prompts
+    produced, summed over the wrong examples and divided by the batch size B (``scale="batch"``,
+    the DLN reference) or averaged over the wrong examples (``scale="wrong"``):
+    [B, K], [B] bool -> [K] (zeros if none wrong)."""
     wrong = np.asarray(wrong, dtype=bool)
+    ll = np.asarray(wrong_loglik, dtype=np.float64)
     if not wrong.any():
-        return np.zeros(np.asarray(wrong_loglik).shape[1])
-    return np.asarray(wrong_loglik, dtype=np.float64)[wrong].mean(0)
+        return np.zeros(ll.shape[1])
+    if scale == "batch":
+        return ll[wrong].sum(0) / ll.shape[0]
+    if scale == "wrong":
+        return ll[wrong].mean(0)
+    raise ValueError(f"penalty scale must be 'batch' or 'wrong', got {scale!r}")
 
 
 def candidate_objective(elbos: np.ndarray, kl: np.ndarray | None = None, trust_factor: float = 0.0,

@@ -77,25 +77,46 @@ def generate(lm: LanguageModel, prompts: list[str], *, max_new_tokens: int, stop
     return out
 
 
+def verbalizers(cls: str) -> list[str]:
+    """A class's verbalizer alternatives: "a|A" -> ["a", "A"] (the first is its prototype)."""
+    return cls.split("|")
+
+
 def class_scoring_mode(classes: list[str]) -> str:
-    """"next_token" when the verbalizers' first characters tell them apart, else "full_string"."""
-    firsts = [c.lstrip()[:1] for c in classes]
-    return "next_token" if len(set(firsts)) == len(firsts) else "full_string"
+    """"next_token" when the first characters of the classes' verbalizers tell the classes
+    apart, else "full_string"."""
+    firsts = [{v.lstrip()[:1] for v in verbalizers(c)} for c in classes]
+    disjoint = all(not (a & b) for i, a in enumerate(firsts) for b in firsts[i + 1:])
+    return "next_token" if disjoint else "full_string"
 
 
 def class_logprobs(lm: LanguageModel, contexts: list[str], classes: list[str],
-                   cache: CallCache | None = None) -> np.ndarray:
-    """[N, C] unnormalised log-probabilities of the verbalizers after each context.
+                   cache: CallCache | None = None, aggregation: str = "sum") -> np.ndarray:
+    """[N, C] unnormalised log-probabilities of the classes after each context: each
+    verbalizer alternative of a class ("a|A") is scored and the class gets their sum
+    (probabilities; the DLN reference's default) or their max.
 
-    `next_token_logprobs` sees only a verbalizer's first token: when two verbalizers start
-    alike ("(A)", "(B)") it cannot tell them apart, so those tasks score whole strings."""
+    `next_token_logprobs` sees only a verbalizer's first token: when verbalizers of two classes
+    start alike ("(A)", "(B)") it cannot tell them apart, so those tasks score whole strings."""
+    if aggregation not in ("sum", "max"):
+        raise ValueError(f"class aggregation must be 'sum' or 'max', got {aggregation!r}")
     cache = cache or CallCache()
+    alts = [v for c in classes for v in verbalizers(c)]
     if class_scoring_mode(classes) == "next_token":
-        return cache.next_token_logprobs(lm, contexts, classes)
-    flat_c = [c for c in contexts for _ in classes]
-    flat_t = [" " + v for _ in contexts for v in classes]
-    out = cache.score(lm, flat_c, flat_t)
-    return np.asarray([lp for lp, _ in out], dtype=np.float64).reshape(len(contexts), len(classes))
+        lp = cache.next_token_logprobs(lm, contexts, alts)
+    else:
+        flat_c = [c for c in contexts for _ in alts]
+        flat_t = [" " + v for _ in contexts for v in alts]
+        out = cache.score(lm, flat_c, flat_t)
+        lp = np.asarray([v for v, _ in out], dtype=np.float64).reshape(len(contexts), len(alts))
+    if len(alts) == len(classes):
+        return lp
+    cols, start = [], 0
+    for c in classes:
+        part = lp[:, start:start + len(verbalizers(c))]
+        start += part.shape[1]
+        cols.append(np.logaddexp.reduce(part, axis=1) if aggregation == "sum" else part.max(axis=1))
+    return np.stack(cols, axis=1)
 
 
 def _per_token(logprob: float, num_tokens: int, normalize: bool) -> float:
@@ -109,11 +130,12 @@ class OutputLayer:
 
     def __init__(self, template: DLNTemplate, backend: LanguageModel, prompt: str,
                  classes: list[str] | None = None, max_new_tokens: int = 16,
-                 length_normalize: bool = True):
+                 length_normalize: bool = True, class_aggregation: str = "sum"):
         self.template, self.backend, self.prompt = template, backend, prompt
         self.classes = list(classes) if classes else None
         self.max_new_tokens = max_new_tokens
         self.length_normalize = length_normalize
+        self.class_aggregation = class_aggregation
         self.class_mode = class_scoring_mode(self.classes) if self.classes else None
 
     def render(self, prompt: str, x: str, h: str | None = None) -> str:
@@ -128,14 +150,16 @@ class OutputLayer:
 
     def class_logprobs(self, contexts: list[str], cache: CallCache) -> np.ndarray:
         """[N, C] unnormalised log-probabilities of the verbalizers."""
-        return class_logprobs(self.backend, contexts, self.classes, cache)
+        return class_logprobs(self.backend, contexts, self.classes, cache, self.class_aggregation)
 
     def class_index(self, targets: list[str]) -> np.ndarray:
+        """The class of each target (a target may be any of a class's alternatives)."""
+        lookup = {v: k for k, c in enumerate(self.classes) for v in verbalizers(c)}
         idx = []
         for t in targets:
-            if t not in self.classes:
+            if t not in lookup:
                 raise ValueError(f"target {t!r} is not one of the output classes {self.classes}")
-            idx.append(self.classes.index(t))
+            idx.append(lookup[t])
         return np.asarray(idx)
 
     def predict(self, prompts, inputs, hs=None, cache: CallCache | None = None) -> list[str]:
@@ -143,7 +167,7 @@ class OutputLayer:
         contexts = self._contexts(prompts, inputs, hs)
         if self.classes:
             lp = self.class_logprobs(contexts, cache)
-            return [self.classes[i] for i in np.argmax(lp, axis=1)]
+            return [verbalizers(self.classes[i])[0] for i in np.argmax(lp, axis=1)]
         out = generate(self.backend, contexts, max_new_tokens=self.max_new_tokens,
                        stop=self.template.stop, temperature=0.0, seed=None)
         return [g.text.strip() for g in out]
@@ -166,24 +190,43 @@ class OutputLayer:
         return np.asarray([float(is_correct(p, t)) for p, t in zip(preds, targets)])
 
 
+def strip_options(x: str) -> str:
+    """The input without its answer options (BBH appends "Options: ..."): what the hidden layer
+    reads with ``strip_options_for_hidden``, so that h reasons instead of picking an option."""
+    return x[:x.index("Options:")].strip() if "Options:" in x else x
+
+
+def clean_hidden(text: str) -> str:
+    """A generated h as the reference keeps it: blank lines folded, ends stripped."""
+    return text.replace("\n\n", "\n").strip()
+
+
 class HiddenLayer:
     """DLN-2's first layer: writes a hidden text h for each input (greedy forward pass) and
-    scores log p(h | prompt, input)."""
+    scores log p(h | prompt, input). ``stop`` overrides the template's stop strings;
+    ``strip_options`` hides the input's answer options from this layer."""
 
     def __init__(self, template: DLNTemplate, backend: LanguageModel, prompt: str,
-                 max_new_tokens: int = 32, length_normalize: bool = True):
+                 max_new_tokens: int = 32, length_normalize: bool = True,
+                 stop: tuple[str, ...] | None = None, strip_options: bool = False):
         self.template, self.backend, self.prompt = template, backend, prompt
         self.max_new_tokens = max_new_tokens
         self.length_normalize = length_normalize
+        self.stop = tuple(template.stop if stop is None else stop)
+        self.strip_options = strip_options
+
+    def view(self, x: str) -> str:
+        """The input as this layer reads it."""
+        return strip_options(x) if self.strip_options else x
 
     def render(self, prompt: str, x: str) -> str:
-        return self.template.render(prompt=prompt, input=x)
+        return self.template.render(prompt=prompt, input=self.view(x))
 
     def forward(self, prompts, inputs) -> list[str]:
         out = generate(self.backend, [self.render(p, x) for p, x in zip(prompts, inputs)],
-                       max_new_tokens=self.max_new_tokens, stop=self.template.stop,
+                       max_new_tokens=self.max_new_tokens, stop=self.stop,
                        temperature=0.0, seed=None)
-        return [g.text.strip() for g in out]
+        return [clean_hidden(g.text) for g in out]
 
     def log_prob(self, prompts, inputs, hs, cache: CallCache | None = None) -> np.ndarray:
         cache = cache or CallCache()

@@ -45,15 +45,19 @@ class DeepLanguageNetwork:
         return hs, preds
 
     def evaluate(self, examples: list[Example], is_correct: Callable[[str, str], bool],
-                 chunk: int = 32, desc: str | None = None) -> tuple[float, list[str]]:
-        """Accuracy on examples (and the predictions), in chunks of one backend call each."""
+                 chunk: int = 32, desc: str | None = None) -> tuple[float, list[str], list[str] | None]:
+        """Accuracy on examples, the predictions and the hidden texts (None for DLN-1), in
+        chunks of one backend call each."""
         preds: list[str] = []
+        hidden: list[str] = []
         for start in tqdm(range(0, len(examples), chunk), desc=desc or "eval", leave=False,
                           disable=desc is None):
             part = examples[start:start + chunk]
-            preds.extend(self.forward([e.input for e in part])[1])
+            hs, out = self.forward([e.input for e in part])
+            preds.extend(out)
+            hidden.extend(hs or [])
         correct = [is_correct(p, e.target) for p, e in zip(preds, examples)]
-        return (float(np.mean(correct)) if correct else 0.0), preds
+        return (float(np.mean(correct)) if correct else 0.0), preds, (hidden if self.hidden is not None else None)
 
 
 def input_with_thoughts(x: str, h: str) -> str:

@@ -1,20 +1,33 @@
-"""Variational prompt training of DLN-1 / DLN-2 (Sordoni et al. 2023, Algorithms 1 and 2).
+"""Variational prompt training of DLN-1 / DLN-2 (Sordoni et al. 2023, Algorithms 1 and 2),
+with the semantics of the DLN reference implementation (microsoft/deep-language-networks,
+``dln/vi/model.py``) wherever the paper is silent.
 
 One `step` per training batch:
 
-1. forward pass under the current prompts (greedy); if the batch has no error, no update;
-2. DLN-2: sample ``num_h_samples`` hidden states per example from the posterior q(h | x, y)
-   (all examples, or only the wrong ones with ``rewrite_wrong_only``); the forward h is kept
-   as a sample too; weight them by w = softmax((log p(y | h) + log p(h | x)) / T);
-3. propose ``num_p_samples`` prompts per trained layer with the backward template, in one
-   generate call; candidates = current prompt + proposals + prompts in memory;
-4. p2 = argmax ELBO_2(p) = mean_i sum_j w_ij log p(y_i | x_i, h_ij, p)  [- trust_factor KL];
-   p1 = argmax ELBO_1(p) = mean_i sum_j w_ij log p(h_ij | x_i, p)       [- logp_penalty ...].
-   DLN-1 is the same with one hidden sample of weight 1 (no h).
+1. forward pass under the current prompts (greedy). A batch without errors is skipped, except
+   by DLN-1 with log-probability scoring, which still proposes (the reference);
+2. DLN-2: sample ``num_h_samples`` hidden states h~ per example from the posterior q(h | x, y)
+   (all examples, or only the wrong ones with ``rewrite_wrong_only``: the others keep their
+   forward h as their one sample); weight them by w = softmax((log p(y | h~) + log p(h~ | x)) / T).
+   The forward h is *not* a posterior sample: it only enters the trust-region KL and the logp
+   penalty (variant ``posterior_include_forward_h``: it joins the samples);
+3. propose prompts per trained layer with the backward template, all in one generate call:
+   ``num_p_samples - 1`` new ones, proposal i rewriting the prompt i of [current, *memory]
+   (rotation); candidates = current + memory + proposals;
+4. p2 = argmax ELBO_2(p) - trust_factor KL(p_current || p) on the forward h, with
+   ELBO_2(p) = mean_i sum_j w_ij log p(y_i | x_i, h~_ij, p);
+   p1 = argmax ELBO_1(p) - logp_penalty_t * (sum over wrong i of log p(h_i | x_i, p)) / B, with
+   ELBO_1(p) = mean_i sum_j w_ij log p(h~_ij | x_i, p) and logp_penalty_t decaying linearly to 0
+   over the run. DLN-1 is the same with one sample of weight 1 (no h).
 
 With ``scoring="accuracy"`` the output-layer score is 0/1 correctness instead of log p(y | .).
-With ``held_out_prompt_ranking`` the batch is split in two halves by a seeded permutation:
-proposals see one half, candidates are ranked on the other.
+With ``held_out_prompt_ranking`` each proposal reads its own random half of the batch and the
+candidates are ranked on the whole batch (variant ``held_out_mode="split"``: one half proposes,
+the other half alone ranks).
+
+Validation bookkeeping (`validated`) keeps the best dev prompts, the prompt memory (a prompt
+joins it when it beats the best dev accuracy) and, with ``tolerance`` >= 0, reloads the best
+prompts after that many validations without a gain.
 """
 from __future__ import annotations
 
@@ -51,23 +64,55 @@ def batch_indices(num_train: int, batch_size: int, seed: int, iteration: int) ->
     return out
 
 
+def balanced_batch_indices(targets: list[str], batch_size: int, seed: int, iteration: int) -> list[int]:
+    """A class-balanced batch (the reference's ``--balance_batch``): the examples of each target
+    in a fresh random order, the targets in a random order, then one example of each target in
+    turn until the batch is full (a target that runs out is skipped)."""
+    if not targets:
+        raise ValueError("the task has no training examples")
+    rng = np.random.default_rng(derive_seed(seed, "balanced", iteration))
+    by_target: dict[str, list[int]] = {}
+    for i, t in enumerate(targets):
+        by_target.setdefault(t, []).append(i)
+    pools = [[int(i) for i in rng.permutation(by_target[t])] for t in by_target]
+    order = [int(k) for k in rng.permutation(len(pools))]
+    out: list[int] = []
+    while len(out) < min(batch_size, len(targets)):
+        for k in order:
+            if pools[k] and len(out) < batch_size:
+                out.append(pools[k].pop(0))
+    return out
+
+
 class VariationalTrainer:
     def __init__(self, network: DeepLanguageNetwork, proposer: PromptProposer,
                  posterior: PosteriorSampler | None, task: Task, cfg: DLNConfig, seed: int | None = None):
         self.net, self.proposer, self.posterior, self.task, self.cfg = network, proposer, posterior, task, cfg
         self.seed = cfg.seed if seed is None else seed
         self.memory: list[dict] = []   # best dev prompts: {"prompts": {...}, "score": float}, best first
+        self.best: dict | None = None  # {"prompts", "dev", "iteration"} of the best validation
+        self.patience = 0              # validations since the best one (tolerance)
         if network.depth == 2 and posterior is None:
             raise ValueError("DLN-2 needs a posterior sampler")
+        if network.depth == 2 and cfg.num_h_samples < 1 and not cfg.posterior_include_forward_h:
+            raise ValueError("DLN-2 needs at least one hidden sample: set num_h_samples >= 1 (or "
+                             "posterior_include_forward_h to train on the forward h alone)")
         if cfg.trust_factor > 0 and not network.output.classes:
             raise ValueError(f"trust_factor > 0 needs output classes (the KL is between class "
                              f"distributions); task {task.name!r} has none: set trust_factor to 0")
         if cfg.scoring not in ("logprob", "accuracy"):
             raise ValueError(f"scoring must be 'logprob' or 'accuracy', got {cfg.scoring!r}")
 
-    # ------------------------------------------------------------------ memory
+    # ------------------------------------------------------------------ batches
+    def batch_indices(self, train: list[Example], iteration: int) -> list[int]:
+        if self.cfg.balance_batch:
+            return balanced_batch_indices([e.target for e in train], self.cfg.batch_size, self.seed, iteration)
+        return batch_indices(len(train), self.cfg.batch_size, self.seed, iteration)
+
+    # ------------------------------------------------------------------ memory and validation
     def remember(self, prompts: dict[str, str], score: float) -> None:
-        """Keep the ``memory_size`` best dev prompts (they join every candidate list)."""
+        """Keep the ``memory_size`` best dev prompts (they join every candidate list and the
+        rotation of proposal starts)."""
         if self.cfg.memory_size <= 0:
             return
         self.memory = [m for m in self.memory if m["prompts"] != prompts]
@@ -75,8 +120,33 @@ class VariationalTrainer:
         self.memory.sort(key=lambda m: -m["score"])  # stable: ties keep the older entry first
         del self.memory[self.cfg.memory_size:]
 
+    def validated(self, acc: float, iteration: int) -> dict:
+        """Bookkeeping after a validation of the current prompts: best prompts, memory (on a
+        new best; every validation with memory_policy "top"), tolerance reload."""
+        prompts = self.net.prompts
+        improved = self.best is None or acc > self.best["dev"]
+        if improved:
+            self.best = {"prompts": prompts, "dev": float(acc), "iteration": iteration}
+            self.patience = 0
+        else:
+            self.patience += 1
+        if improved or self.cfg.memory_policy == "top":
+            self.remember(prompts, acc)
+        reloaded = False
+        if self.cfg.tolerance >= 0 and self.patience >= self.cfg.tolerance:
+            reloaded = self.best["prompts"] != prompts
+            self.net.set_prompts(self.best["prompts"])
+            self.patience = 0
+        return {"improved": improved, "reloaded": reloaded}
+
     def _memory_prompts(self, key: str) -> list[str]:
         return [m["prompts"][key] for m in self.memory if key in m["prompts"]]
+
+    def logp_penalty_at(self, iteration: int) -> float:
+        """The logp penalty of iteration t (1-based): decays linearly, 0 after the last."""
+        if not self.cfg.decay_logp_penalty or self.cfg.iters <= 0:
+            return self.cfg.logp_penalty
+        return self.cfg.logp_penalty * (1.0 - (iteration - 1) / self.cfg.iters)
 
     # ------------------------------------------------------------------ scoring helpers
     def _output_scores(self, prompts, inputs, targets, hs, cache) -> np.ndarray:
@@ -86,13 +156,33 @@ class VariationalTrainer:
         return out.log_likelihood(prompts, inputs, targets, hs, cache)[0]
 
     def _split(self, batch_size: int, iteration: int) -> tuple[list[int], list[int]]:
-        """(examples the proposer sees, examples candidates are ranked on)."""
+        """(examples the proposer sees, examples candidates are ranked on): the whole batch for
+        both, except with the "split" held-out mode (two disjoint halves)."""
         idx = list(range(batch_size))
-        if not self.cfg.held_out_prompt_ranking or batch_size < 2:
+        if not (self.cfg.held_out_prompt_ranking and self.cfg.held_out_mode == "split") or batch_size < 2:
             return idx, idx
         perm = np.random.default_rng(derive_seed(self.seed, iteration, "held_out")).permutation(batch_size)
         half = batch_size // 2
         return sorted(int(i) for i in perm[:half]), sorted(int(i) for i in perm[half:])
+
+    def _job(self, current: str, key: str, infos: list[BackwardInfo]) -> ProposalJob:
+        """Proposals rotate over [current, *memory] as listed (the current prompt, usually also
+        in the memory, then comes up twice per round, as in the reference)."""
+        cfg = self.cfg
+        starts = [current] + (self._memory_prompts(key) if cfg.rotate_proposal_prompts else [])
+        num = cfg.num_p_samples - 1 if cfg.proposals_include_current else cfg.num_p_samples
+        half = cfg.held_out_prompt_ranking and cfg.held_out_mode == "per_proposal"
+        return ProposalJob(starts, infos, num, half)
+
+    def _candidates(self, current: str, proposals: list[str], key: str) -> list[str]:
+        """Unique, in order: current, memory, proposals (the reference's order; variant
+        proposals_include_current=False keeps the former order current, proposals, memory)."""
+        mem = self._memory_prompts(key)
+        order = [current] + mem + proposals if self.cfg.proposals_include_current else [current] + proposals + mem
+        return list(dict.fromkeys(order))
+
+    def _penalty(self, wrong_loglik: np.ndarray, wrong: np.ndarray) -> np.ndarray:
+        return E.penalty(wrong_loglik, wrong, self.cfg.logp_penalty_scale)
 
     # ------------------------------------------------------------------ one step
     def step(self, batch: list[Example], iteration: int) -> dict:
@@ -105,7 +195,8 @@ class VariationalTrainer:
                   "prompts_before": self.net.prompts, "predictions": preds}
         if hs is not None:
             record["hidden"] = hs
-        if not wrong.any():
+        proposes_anyway = self.net.depth == 1 and self.cfg.scoring == "logprob" and not self.cfg.skip_error_free_batches
+        if not wrong.any() and not proposes_anyway:
             record.update(updated=False, reason="no errors in the batch", prompts=self.net.prompts)
             return record
         if self.net.depth == 1:
@@ -116,15 +207,12 @@ class VariationalTrainer:
         record["prompts"] = self.net.prompts
         return record
 
-    def _candidates(self, current: str, proposals: list[str], key: str) -> list[str]:
-        return list(dict.fromkeys([current] + proposals + self._memory_prompts(key)))   # unique, in order
-
     def _step_one_layer(self, x, y, preds, wrong, iteration, cache) -> dict:
         cfg, out = self.cfg, self.net.output
         prop, rank = self._split(len(x), iteration)
         infos = [BackwardInfo(x[i], y[i], preds[i], bool(wrong[i])) for i in prop]
         rng = np.random.default_rng(derive_seed(self.seed, iteration, "proposal_order"))
-        (props,) = self.proposer.propose([ProposalJob(out.prompt, infos, cfg.num_p_samples)], rng,
+        (props,) = self.proposer.propose([self._job(out.prompt, "p2", infos)], rng,
                                          derive_seed(self.seed, iteration, "proposal"))
         cands = self._candidates(out.prompt, props, "p2")
         K = len(cands)
@@ -138,34 +226,37 @@ class VariationalTrainer:
         if cfg.trust_factor > 0:
             probs = out.log_likelihood(rp, rx, ry, None, cache)[1]
             kl = E.trust_kl(probs.reshape(len(rank), K, -1))
-        if cfg.logp_penalty > 0:
+        penalty = self.logp_penalty_at(iteration)
+        if penalty > 0:
             # log-likelihood, under each candidate, of the wrong answers the current prompt gave
             wrong_ll = out.log_likelihood(rp, rx, [preds[i] for i in rank for _ in cands], None, cache)[0]
-            pen = E.penalty(wrong_ll.reshape(len(rank), K), wrong[rank])
-        obj = E.candidate_objective(elbos, kl, cfg.trust_factor, pen, cfg.logp_penalty)
+            pen = self._penalty(wrong_ll.reshape(len(rank), K), wrong[rank])
+        obj = E.candidate_objective(elbos, kl, cfg.trust_factor, pen, penalty)
         best = E.select(obj)
         out.prompt = cands[best]
-        return {"p2_candidates": _table(cands, elbos, obj, kl, pen), "elbo2": float(elbos[best])}
+        return {"p2_candidates": _table(cands, elbos, obj, kl, pen), "elbo2": float(elbos[best]),
+                "logp_penalty": penalty}
 
     def _step_two_layers(self, x, y, h1, preds, wrong, iteration, cache) -> dict:
         cfg, out, hid = self.cfg, self.net.output, self.net.hidden
         B = len(x)
         prop, rank = self._split(B, iteration)
         p1, p2 = hid.prompt, out.prompt
+        xh = [hid.view(v) for v in x]   # what the hidden layer and the posterior read
 
-        # posterior samples; the forward h is always sample 0
+        # posterior samples; an example that is not rewritten keeps its forward h as its sample
         rewrite = [i for i in range(B) if wrong[i] or not cfg.rewrite_wrong_only]
-        sampled = self.posterior.sample(p1, [x[i] for i in rewrite], [y[i] for i in rewrite],
+        sampled = self.posterior.sample(p1, [xh[i] for i in rewrite], [y[i] for i in rewrite],
                                         cfg.num_h_samples, derive_seed(self.seed, iteration, "posterior"))
         H = [[h] for h in h1]
         for i, samples in zip(rewrite, sampled):
-            H[i].extend(samples)
+            H[i] = ([h1[i]] if cfg.posterior_include_forward_h else []) + samples
         Hmax = max(len(h) for h in H)
         mask = np.asarray([[j < len(H[i]) for j in range(Hmax)] for i in range(B)])
         cells = [(i, j) for i in range(B) for j in range(len(H[i]))]
 
-        # posterior weights under the current prompts
-        if Hmax > 1:
+        # posterior weights under the current prompts (uniform from T = 100 on, as the reference)
+        if Hmax > 1 and cfg.posterior_temp < 100:
             ll = np.zeros((B, Hmax))
             ll[tuple(zip(*cells))] = self._output_scores(
                 [p2] * len(cells), [x[i] for i, _ in cells], [y[i] for i, _ in cells],
@@ -177,15 +268,14 @@ class VariationalTrainer:
                                                          [H[i][j] for i, j in cells], cache)
             weights = E.posterior_weights(ll, prior, cfg.posterior_temp, mask)
         else:
-            weights = mask.astype(float)
+            weights = mask / mask.sum(axis=1, keepdims=True)
         h_star = [H[i][int(np.argmax(weights[i]))] for i in range(B)]
 
         # proposals for both layers in one call
         rng = np.random.default_rng(derive_seed(self.seed, iteration, "proposal_order"))
-        jobs = [ProposalJob(p2, [BackwardInfo(input_with_thoughts(x[i], h1[i]), y[i], preds[i], bool(wrong[i]))
-                                 for i in prop], cfg.num_p_samples),
-                ProposalJob(p1, [BackwardInfo(x[i], h_star[i], h1[i], bool(wrong[i])) for i in prop],
-                            cfg.num_p_samples)]
+        jobs = [self._job(p2, "p2", [BackwardInfo(input_with_thoughts(x[i], h1[i]), y[i], preds[i], bool(wrong[i]))
+                                     for i in prop]),
+                self._job(p1, "p1", [BackwardInfo(xh[i], h_star[i], h1[i], bool(wrong[i])) for i in prop])]
         props2, props1 = self.proposer.propose(jobs, rng, derive_seed(self.seed, iteration, "proposal"))
         c2 = self._candidates(p2, props2, "p2")
         c1 = self._candidates(p1, props1, "p1")
@@ -208,7 +298,7 @@ class VariationalTrainer:
                                                                 hs, cache))
         elbo2 = E.elbo(s2, w)
         kl = None
-        if cfg.trust_factor > 0:   # on the forward h (sample 0) under each candidate
+        if cfg.trust_factor > 0:   # on the forward h under each candidate
             probs = out.log_likelihood([c for _ in rank for c in c2], [x[i] for i in rank for _ in c2],
                                        [y[i] for i in rank for _ in c2], [h1[i] for i in rank for _ in c2],
                                        cache)[1]
@@ -216,28 +306,33 @@ class VariationalTrainer:
         obj2 = E.candidate_objective(elbo2, kl, cfg.trust_factor)
         best2 = E.select(obj2)
 
-        # p1: ELBO of the sharpened samples under each candidate
+        # p1: ELBO of the posterior samples under each candidate
         s1 = grid(c1, lambda ps, idx, hs: hid.log_prob(ps, [x[i] for i in idx], hs, cache))
         elbo1 = E.elbo(s1, w)
         pen = None
-        if cfg.logp_penalty > 0:   # log p(forward h | x, p) on the wrong examples
-            pen = E.penalty(s1[:, 0, :], wrong[rank])
-        obj1 = E.candidate_objective(elbo1, None, 0.0, pen, cfg.logp_penalty)
+        penalty = self.logp_penalty_at(iteration)
+        if penalty > 0:   # log p(forward h | x, p) of the wrong examples under each candidate
+            fwd = hid.log_prob([c for _ in rank for c in c1], [x[i] for i in rank for _ in c1],
+                               [h1[i] for i in rank for _ in c1], cache)
+            pen = self._penalty(fwd.reshape(len(rank), len(c1)), wrong[rank])
+        obj1 = E.candidate_objective(elbo1, None, 0.0, pen, penalty)
         best1 = E.select(obj1)
 
         hid.prompt, out.prompt = c1[best1], c2[best2]
         return {"posterior": {"samples": H, "weights": [weights[i, :len(H[i])].tolist() for i in range(B)]},
                 "p1_candidates": _table(c1, elbo1, obj1, None, pen),
                 "p2_candidates": _table(c2, elbo2, obj2, kl, None),
-                "elbo1": float(elbo1[best1]), "elbo2": float(elbo2[best2])}
+                "elbo1": float(elbo1[best1]), "elbo2": float(elbo2[best2]), "logp_penalty": penalty}
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
-        return {"prompts": self.net.prompts, "memory": self.memory}
+        return {"prompts": self.net.prompts, "memory": self.memory, "best": self.best, "patience": self.patience}
 
     def load_state_dict(self, state: dict) -> None:
         self.net.set_prompts(state["prompts"])
         self.memory = [dict(m) for m in state["memory"]]
+        self.best = dict(state["best"]) if state.get("best") else None
+        self.patience = int(state.get("patience", 0))
 
 
 def _table(cands, elbos, obj, kl, pen) -> list[dict]:
