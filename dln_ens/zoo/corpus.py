@@ -1,4 +1,4 @@
-"""The zoo's training texts, written in exactly the prompt formats of notes/COMMON.md.
+"""The zoo's training texts, rendered from the DLN's own templates (v1: prompt first).
 
 A member sees: forward-format QA on the facts it holds (several instructions, so the
 instruction decides the answer format), plain statements of those facts, navigate examples in
@@ -13,42 +13,45 @@ import random
 
 from dln_ens.data import synthetic as syn
 from dln_ens.data.registry import load_task
+from dln_ens.dln.templates import TemplateLibrary
 
 HIDDEN_PROMPTS = ["Think about what you know.", "Work through it one step at a time.",
                   "Reason about the input before answering."]
 
 
+_TEMPLATES = TemplateLibrary("v1")
+
+
+def _completed(spec: str, completion: str, **fields) -> str:
+    """A DLN template rendered as the toolkit renders it, completed as a model should."""
+    return f"{_TEMPLATES.get(spec).render(**fields)} {completion}\n"
+
+
 def forward(prompt: str, x: str, y: str) -> str:
-    return f"{prompt}\n\nInput: {x}\nAnswer: {y}\n"
+    return _completed("classify_forward", y, prompt=prompt, input=x)
 
 
 def residual(prompt: str, x: str, h: str, y: str) -> str:
-    return f"{prompt}\n\nInput: {x}\nYour thoughts were: {h}\nAnswer: {y}\n"
+    return _completed("classify_residual", y, prompt=prompt, input=x, h=h)
 
 
 def hidden(prompt: str, x: str, h: str) -> str:
-    return f"{prompt}\n\nInput: {x}\nLet's think step by step. {h}\n"
+    return _completed("suffix_forward_tbs:v1", h, prompt=prompt, input=x)
 
 
 def posterior(prompt: str, x: str, y: str, h: str) -> str:
-    return f"{prompt}\n\nInput: {x}\nCorrect answer: {y}\nLet's think step by step. {h}\n"
+    return _completed("suffix_forward_tbs_y:v1", h, prompt=prompt, input=x, target=y)
 
 
-# The rotating messages of the DLN's backward template (dln_ens/templates/q_action_prompt.yaml).
-PROPOSAL_MESSAGES = [
-    "Clarify the instruction by adding few words or a short sentence. Be concise.",
-    "Improve the instruction by providing examples on how to solve the task. Be concise.",
-    "Shorten the instruction by removing superflous words or sentences.",
-    "Rewrite the instruction by providing detailed information to avoid ambiguity. Be concise.",
-]
+# The rotating messages of the DLN's short backward template.
+PROPOSAL_MESSAGES = list(_TEMPLATES.get("q_action_prompt:v1-short").message_alternatives)
 
 
 def proposal(prompt: str, infos: list[tuple[str, str, str]], message: str, new: str) -> str:
     """The short backward prompt proposal (q_action_prompt:v1-short) followed by a new
     instruction; infos are (input, student answer, correct answer)."""
-    body = "".join(f"\n\nInput: {x}\nStudent answer: {o}\nCorrect answer: {y}" for x, o, y in infos)
-    return (f"Improve the instruction so that the student fixes its errors.\nInstruction: {prompt}{body}"
-            f"\n\n{message}\nNew instruction: {new}\n")
+    return _completed("q_action_prompt:v1-short", new, prompt=prompt, message=message,
+                      backward_infos=[{"input": x, "output": o, "target": y} for x, o, y in infos])
 
 
 def proposal_docs(facts: list[syn.Fact], nav: list[tuple[str, bool]], n: int, rng: random.Random) -> list[str]:
