@@ -1,5 +1,4 @@
-"""Request caching and class scoring over any `LanguageModel`: what the DLN layers and plain
-evaluation (`dln_ens.evaluate`) both score classes with."""
+"""Request caching and class scoring over any `LanguageModel` (DLN layers and plain evaluation)."""
 from __future__ import annotations
 
 import numpy as np

@@ -71,10 +71,6 @@ class OutputLayer:
         hs = hs if hs is not None else [None] * len(inputs)
         return [self.render(p, x, h) for p, x, h in zip(prompts, inputs, hs)]
 
-    def class_logprobs(self, contexts: list[str], cache: CallCache) -> np.ndarray:
-        """[N, C] unnormalised log-probabilities of the verbalizers."""
-        return class_logprobs(self.backend, contexts, self.classes, cache, self.class_aggregation)
-
     def class_index(self, targets: list[str]) -> np.ndarray:
         """The class of each target (a target may be any of a class's alternatives)."""
         lookup = {v: k for k, c in enumerate(self.classes) for v in verbalizers(c)}
@@ -89,7 +85,7 @@ class OutputLayer:
         cache = cache or CallCache()
         contexts = self._contexts(prompts, inputs, hs)
         if self.classes:
-            lp = self.class_logprobs(contexts, cache)
+            lp = class_logprobs(self.backend, contexts, self.classes, cache, self.class_aggregation)
             return [verbalizers(self.classes[i])[0] for i in np.argmax(lp, axis=1)]
         out = generate(self.backend, contexts, max_new_tokens=self.max_new_tokens,
                        stop=self.template.stop, temperature=0.0, seed=None)
@@ -102,7 +98,7 @@ class OutputLayer:
         cache = cache or CallCache()
         contexts = self._contexts(prompts, inputs, hs)
         if self.classes:
-            lp = self.class_logprobs(contexts, cache)
+            lp = class_logprobs(self.backend, contexts, self.classes, cache, self.class_aggregation)
             return class_log_likelihood(lp, self.class_index(targets)), np.exp(log_softmax(lp, axis=1))
         out = cache.score(self.backend, contexts, [" " + t for t in targets])
         return np.asarray([_per_token(lp, n, self.length_normalize) for lp, n in out]), None

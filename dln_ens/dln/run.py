@@ -86,13 +86,6 @@ class SystemState:
     test: dict | None = None         # {"init", "best"} test accuracy
     test_tokens: dict | None = None  # tokens per backend of the test evaluation
 
-    def save(self, path: Path) -> None:
-        write_json(path, asdict(self))
-
-    @classmethod
-    def load(cls, path: Path) -> "SystemState":
-        return cls(**json.loads(path.read_text(encoding="utf-8")))
-
 
 # ----------------------------------------------------------------------------- building
 
@@ -278,7 +271,6 @@ def experiment_fingerprint(resolved: dict) -> str:
 
 def _run_system(system, dcfg, plan: RunPlan, get_backend, counters, run_dir, resume) -> dict:
     task, dev, test = plan.split(dcfg, system)
-    fingerprint_parts = plan.fingerprints[system.name]
     network, trainer = build_system(system, dcfg, task, get_backend, plan.library)
     log_path = run_dir / f"dln_{_safe(system.name)}.jsonl"
     state_path = run_dir / f"dln_{_safe(system.name)}.state.json"
@@ -294,13 +286,8 @@ def _run_system(system, dcfg, plan: RunPlan, get_backend, counters, run_dir, res
         return {c.name: c.token_snapshot() for c in counters.values() if c.tokens is not None}
 
     def used_tokens(before: dict) -> dict:
-        out = {}
-        for n, a in tokens().items():
-            b = before.get(n, {k: 0 for k in a})
-            d = {k: a[k] - b[k] for k in a}
-            if d["total"]:
-                out[n] = d
-        return out
+        used = {n: {k: a[k] - before.get(n, {}).get(k, 0) for k in a} for n, a in tokens().items()}
+        return {n: d for n, d in used.items() if d["total"]}
 
     def dev_accuracy(state: SystemState, iteration: int) -> float:
         key = json.dumps(network.prompts, sort_keys=True)
@@ -311,25 +298,24 @@ def _run_system(system, dcfg, plan: RunPlan, get_backend, counters, run_dir, res
         return state.dev_cache[key]
 
     if state_path.exists():   # check_dln_run has checked its fingerprint
-        state = SystemState.load(state_path)
+        state = SystemState(**json.loads(state_path.read_text(encoding="utf-8")))
         trainer.load_state_dict(state.trainer)
         # drop log and trace lines of work that was logged but not checkpointed
-        lines = [r for r in _read_log(log_path) if r["iteration"] <= state.iteration]
-        write_jsonl(log_path, lines)
-        traces = [r for r in _read_log(trace_path)
-                  if (r["split"] == "dev" and r["iteration"] <= state.iteration) or state.done]
-        write_jsonl(trace_path, traces)
+        write_jsonl(log_path, [r for r in _read_log(log_path) if r["iteration"] <= state.iteration])
+        write_jsonl(trace_path, [r for r in _read_log(trace_path)
+                                 if (r["split"] == "dev" and r["iteration"] <= state.iteration) or state.done])
     else:
         for p in (log_path, trace_path):
             p.unlink(missing_ok=True)
-        state = SystemState(system.name, combine(fingerprint_parts), fingerprint_parts)
+        parts = plan.fingerprints[system.name]
+        state = SystemState(system.name, combine(parts), parts)
         before = tokens()
         init_dev = dev_accuracy(state, 0)
         checked = trainer.validated(init_dev, 0)
         state.init, state.trainer = {"prompts": network.prompts, "dev": init_dev}, trainer.state_dict()
         _append_jsonl(log_path, {"system": system.name, "iteration": 0, "prompts": network.prompts,
                                  "dev_acc": init_dev, **checked, "tokens": used_tokens(before)})
-        state.save(state_path)
+        write_json(state_path, asdict(state))
 
     settings = trainer.cfg
     bar = tqdm(range(state.iteration + 1, settings.iters + 1), desc=f"DLN-{system.layers} {system.name}",
@@ -352,7 +338,7 @@ def _run_system(system, dcfg, plan: RunPlan, get_backend, counters, run_dir, res
         record["tokens"] = used_tokens(before_tokens)
         _append_jsonl(log_path, record)
         state.iteration, state.trainer = it, trainer.state_dict()
-        state.save(state_path)
+        write_json(state_path, asdict(state))
         bar.set_postfix(loss=f"{record['train_loss']:.2f}", dev=f"{trainer.best['dev']:.2f}")
     bar.close()
 
@@ -370,7 +356,7 @@ def _run_system(system, dcfg, plan: RunPlan, get_backend, counters, run_dir, res
         _append_jsonl(trace_path, trace_rows("test", state.iteration, test, preds, hidden, task.is_correct))
         network.set_prompts(init_net_prompts)
         state.done, state.test, state.test_tokens = True, {"init": init_test, "best": best_test}, used_tokens(before)
-        state.save(state_path)
+        write_json(state_path, asdict(state))
 
     rows = _read_log(log_path)
     settings_dict = {k: v for k, v in config_to_dict(settings).items() if k != "systems"}

@@ -181,9 +181,6 @@ class VariationalTrainer:
         order = [current] + mem + proposals if self.cfg.proposals_include_current else [current] + proposals + mem
         return list(dict.fromkeys(order))
 
-    def _penalty(self, wrong_loglik: np.ndarray, wrong: np.ndarray) -> np.ndarray:
-        return E.penalty(wrong_loglik, wrong, self.cfg.logp_penalty_scale)
-
     # ------------------------------------------------------------------ one step
     def step(self, batch: list[Example], iteration: int) -> dict:
         x = [e.input for e in batch]
@@ -199,18 +196,15 @@ class VariationalTrainer:
         if not wrong.any() and not proposes_anyway:
             record.update(updated=False, reason="no errors in the batch", prompts=self.net.prompts)
             return record
-        record.update(self._update(x, y, hs, preds, wrong, iteration, cache))
-        record["updated"] = True
-        record["prompts"] = self.net.prompts
+        record.update(self._update(x, y, hs, preds, wrong, iteration, cache), updated=True, prompts=self.net.prompts)
         return record
 
     def _posterior(self, x, y, xh, h1, wrong, iteration, cache) -> tuple[list[list[str]], np.ndarray]:
         """(posterior samples H[i] per example, their weights [B, Hmax]); an example that is not
         rewritten keeps its forward h as its sample."""
         cfg, hid, B = self.cfg, self.net.hidden, len(x)
-        p1, p2 = hid.prompt, self.net.output.prompt
         rewrite = [i for i in range(B) if wrong[i] or not cfg.rewrite_wrong_only]
-        sampled = self.posterior.sample(p1, [xh[i] for i in rewrite], [y[i] for i in rewrite],
+        sampled = self.posterior.sample(hid.prompt, [xh[i] for i in rewrite], [y[i] for i in rewrite],
                                         cfg.num_h_samples, derive_seed(self.seed, iteration, "posterior"))
         H = [[h] for h in h1]
         for i, samples in zip(rewrite, sampled):
@@ -223,12 +217,12 @@ class VariationalTrainer:
             return H, mask / mask.sum(axis=1, keepdims=True)
         ll = np.zeros((B, Hmax))
         ll[tuple(zip(*cells))] = self._output_scores(
-            [p2] * len(cells), [x[i] for i, _ in cells], [y[i] for i, _ in cells],
+            [self.net.output.prompt] * len(cells), [x[i] for i, _ in cells], [y[i] for i, _ in cells],
             [H[i][j] for i, j in cells], cache)
         prior = None
         if cfg.scoring == "logprob":
             prior = np.zeros((B, Hmax))
-            prior[tuple(zip(*cells))] = hid.log_prob([p1] * len(cells), [x[i] for i, _ in cells],
+            prior[tuple(zip(*cells))] = hid.log_prob([hid.prompt] * len(cells), [x[i] for i, _ in cells],
                                                      [H[i][j] for i, j in cells], cache)
         return H, E.posterior_weights(ll, prior, cfg.posterior_temp, mask)
 
@@ -239,8 +233,6 @@ class VariationalTrainer:
         cfg, out, hid = self.cfg, self.net.output, self.net.hidden
         B = len(x)
         prop, rank = self._split(B, iteration)
-        p2 = out.prompt
-        h_fwd = h1 if h1 is not None else [None] * B
         record = {}
         if hid is None:
             H, weights = [[None] for _ in range(B)], np.ones((B, 1))
@@ -253,7 +245,7 @@ class VariationalTrainer:
         # proposals for every layer in one call
         rng = np.random.default_rng(derive_seed(self.seed, iteration, "proposal_order"))
         seen = [x[i] if hid is None else input_with_thoughts(x[i], h1[i]) for i in range(B)]
-        jobs = [self._job(p2, "p2", [BackwardInfo(seen[i], y[i], preds[i], bool(wrong[i])) for i in prop])]
+        jobs = [self._job(out.prompt, "p2", [BackwardInfo(seen[i], y[i], preds[i], bool(wrong[i])) for i in prop])]
         if hid is not None:
             h_star = [H[i][int(np.argmax(weights[i]))] for i in range(B)]
             jobs.append(self._job(hid.prompt, "p1", [BackwardInfo(xh[i], h_star[i], h1[i], bool(wrong[i]))
@@ -279,17 +271,17 @@ class VariationalTrainer:
                          [targets[i] for i in rank for _ in cands]).reshape(len(rank), len(cands), -1)
 
         # p2: ELBO over the posterior samples
-        c2 = self._candidates(p2, props[0], "p2")
+        c2 = self._candidates(out.prompt, props[0], "p2")
         s2 = grid(c2, lambda ps, idx, hs: self._output_scores(ps, [x[i] for i in idx], [y[i] for i in idx],
                                                                 hs, cache))
         elbo2 = E.elbo(s2, w)
         kl = pen2 = None
         if cfg.trust_factor > 0:   # on the forward h under each candidate
             kl = E.trust_kl(by_candidate(c2, lambda ps, xs, ys: out.log_likelihood(
-                ps, xs, ys, [h_fwd[i] for i in rank for _ in c2], cache)[1], y))
+                ps, xs, ys, None if h1 is None else [h1[i] for i in rank for _ in c2], cache)[1], y))
         if hid is None and penalty > 0:   # log-lik, under each candidate, of the wrong answers given
-            pen2 = self._penalty(by_candidate(c2, lambda ps, xs, ys: out.log_likelihood(
-                ps, xs, ys, None, cache)[0], preds)[..., 0], wrong[rank])
+            pen2 = E.penalty(by_candidate(c2, lambda ps, xs, ys: out.log_likelihood(
+                ps, xs, ys, None, cache)[0], preds)[..., 0], wrong[rank], cfg.logp_penalty_scale)
         obj2 = E.candidate_objective(elbo2, kl, cfg.trust_factor, pen2, penalty)
         best2 = E.select(obj2)
         out.prompt = c2[best2]
@@ -304,8 +296,8 @@ class VariationalTrainer:
         elbo1 = E.elbo(s1, w)
         pen = None
         if penalty > 0:   # log p(forward h | x, p) of the wrong examples under each candidate
-            pen = self._penalty(by_candidate(c1, lambda ps, xs, hs: hid.log_prob(ps, xs, hs, cache), h1)[..., 0],
-                                wrong[rank])
+            pen = E.penalty(by_candidate(c1, lambda ps, xs, hs: hid.log_prob(ps, xs, hs, cache), h1)[..., 0],
+                            wrong[rank], cfg.logp_penalty_scale)
         obj1 = E.candidate_objective(elbo1, None, 0.0, pen, penalty)
         best1 = E.select(obj1)
         hid.prompt = c1[best1]
