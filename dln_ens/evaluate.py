@@ -23,6 +23,7 @@ from dln_ens.fingerprint import backend_fingerprint, combine, task_fingerprint
 from dln_ens.io import atomic_write_text, markdown_table, write_jsonl
 from dln_ens.lm.context import ContextLengthError
 from dln_ens.rundir import lock_run_dir
+from dln_ens.scoring import class_logprobs
 
 
 def forward_prompts(task: Task, examples, prompt: str | None = None) -> list[str]:
@@ -37,7 +38,6 @@ def predict(lm, task: Task, prompts: list[str], max_new_tokens: int, batch_size:
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         if task.classes:
-            from dln_ens.dln.layers import class_logprobs
             lp = class_logprobs(lm, chunk, list(task.classes))
             preds += [task.classes[j] for j in lp.argmax(axis=1)]
         else:

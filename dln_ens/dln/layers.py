@@ -12,42 +12,7 @@ import numpy as np
 from dln_ens.dln.elbo import class_log_likelihood, log_softmax
 from dln_ens.dln.templates import DLNTemplate
 from dln_ens.lm.base import LanguageModel
-
-
-class CallCache:
-    """Memo of scoring requests within one training step: a request already answered (e.g.
-    the current prompt, scored once for the posterior weights and again as a candidate) is
-    not sent twice. Kept per step, so results never depend on earlier iterations."""
-
-    def __init__(self):
-        self._score: dict[int, dict[tuple[str, str], tuple[float, int]]] = {}
-        self._classes: dict[int, dict[tuple[str, tuple[str, ...]], np.ndarray]] = {}
-
-    def score(self, lm: LanguageModel, contexts: list[str], targets: list[str]) -> list[tuple[float, int]]:
-        memo = self._score.setdefault(id(lm), {})
-        keys = list(zip(contexts, targets))
-        todo = sorted({k for k in keys if k not in memo})
-        if todo:
-            out = lm.score([c for c, _ in todo], [t for _, t in todo])
-            if len(out) != len(todo):
-                raise RuntimeError(f"backend {lm.name!r}: score returned {len(out)} results for "
-                                   f"{len(todo)} requests")
-            for k, s in zip(todo, out):
-                memo[k] = (float(s.logprob), int(s.num_tokens))
-        return [memo[k] for k in keys]
-
-    def next_token_logprobs(self, lm: LanguageModel, contexts: list[str], candidates: list[str]) -> np.ndarray:
-        memo = self._classes.setdefault(id(lm), {})
-        cands = tuple(candidates)
-        todo = sorted({c for c in contexts if (c, cands) not in memo})
-        if todo:
-            out = np.asarray(lm.next_token_logprobs(todo, list(cands)), dtype=np.float64)
-            if out.shape != (len(todo), len(cands)):
-                raise RuntimeError(f"backend {lm.name!r}: next_token_logprobs returned shape "
-                                   f"{out.shape}, expected {(len(todo), len(cands))}")
-            for c, row in zip(todo, out):
-                memo[(c, cands)] = row
-        return np.stack([memo[(c, cands)] for c in contexts]) if contexts else np.zeros((0, len(cands)))
+from dln_ens.scoring import CallCache, class_logprobs, class_scoring_mode, verbalizers
 
 
 def generate(lm: LanguageModel, prompts: list[str], *, max_new_tokens: int, stop, temperature: float,
@@ -75,48 +40,6 @@ def generate(lm: LanguageModel, prompts: list[str], *, max_new_tokens: int, stop
                                          seed=round_seed, **kw)):
             out[i] = g
     return out
-
-
-def verbalizers(cls: str) -> list[str]:
-    """A class's verbalizer alternatives: "a|A" -> ["a", "A"] (the first is its prototype)."""
-    return cls.split("|")
-
-
-def class_scoring_mode(classes: list[str]) -> str:
-    """"next_token" when the first characters of the classes' verbalizers tell the classes
-    apart, else "full_string"."""
-    firsts = [{v.lstrip()[:1] for v in verbalizers(c)} for c in classes]
-    disjoint = all(not (a & b) for i, a in enumerate(firsts) for b in firsts[i + 1:])
-    return "next_token" if disjoint else "full_string"
-
-
-def class_logprobs(lm: LanguageModel, contexts: list[str], classes: list[str],
-                   cache: CallCache | None = None, aggregation: str = "sum") -> np.ndarray:
-    """[N, C] unnormalised log-probabilities of the classes after each context: each
-    verbalizer alternative of a class ("a|A") is scored and the class gets their sum
-    (probabilities; the DLN reference's default) or their max.
-
-    `next_token_logprobs` sees only a verbalizer's first token: when verbalizers of two classes
-    start alike ("(A)", "(B)") it cannot tell them apart, so those tasks score whole strings."""
-    if aggregation not in ("sum", "max"):
-        raise ValueError(f"class aggregation must be 'sum' or 'max', got {aggregation!r}")
-    cache = cache or CallCache()
-    alts = [v for c in classes for v in verbalizers(c)]
-    if class_scoring_mode(classes) == "next_token":
-        lp = cache.next_token_logprobs(lm, contexts, alts)
-    else:
-        flat_c = [c for c in contexts for _ in alts]
-        flat_t = [" " + v for _ in contexts for v in alts]
-        out = cache.score(lm, flat_c, flat_t)
-        lp = np.asarray([v for v, _ in out], dtype=np.float64).reshape(len(contexts), len(alts))
-    if len(alts) == len(classes):
-        return lp
-    cols, start = [], 0
-    for c in classes:
-        part = lp[:, start:start + len(verbalizers(c))]
-        start += part.shape[1]
-        cols.append(np.logaddexp.reduce(part, axis=1) if aggregation == "sum" else part.max(axis=1))
-    return np.stack(cols, axis=1)
 
 
 def _per_token(logprob: float, num_tokens: int, normalize: bool) -> float:
@@ -148,10 +71,6 @@ class OutputLayer:
         hs = hs if hs is not None else [None] * len(inputs)
         return [self.render(p, x, h) for p, x, h in zip(prompts, inputs, hs)]
 
-    def class_logprobs(self, contexts: list[str], cache: CallCache) -> np.ndarray:
-        """[N, C] unnormalised log-probabilities of the verbalizers."""
-        return class_logprobs(self.backend, contexts, self.classes, cache, self.class_aggregation)
-
     def class_index(self, targets: list[str]) -> np.ndarray:
         """The class of each target (a target may be any of a class's alternatives)."""
         lookup = {v: k for k, c in enumerate(self.classes) for v in verbalizers(c)}
@@ -166,7 +85,7 @@ class OutputLayer:
         cache = cache or CallCache()
         contexts = self._contexts(prompts, inputs, hs)
         if self.classes:
-            lp = self.class_logprobs(contexts, cache)
+            lp = class_logprobs(self.backend, contexts, self.classes, cache, self.class_aggregation)
             return [verbalizers(self.classes[i])[0] for i in np.argmax(lp, axis=1)]
         out = generate(self.backend, contexts, max_new_tokens=self.max_new_tokens,
                        stop=self.template.stop, temperature=0.0, seed=None)
@@ -179,7 +98,7 @@ class OutputLayer:
         cache = cache or CallCache()
         contexts = self._contexts(prompts, inputs, hs)
         if self.classes:
-            lp = self.class_logprobs(contexts, cache)
+            lp = class_logprobs(self.backend, contexts, self.classes, cache, self.class_aggregation)
             return class_log_likelihood(lp, self.class_index(targets)), np.exp(log_softmax(lp, axis=1))
         out = cache.score(self.backend, contexts, [" " + t for t in targets])
         return np.asarray([_per_token(lp, n, self.length_normalize) for lp, n in out]), None

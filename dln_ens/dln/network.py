@@ -7,7 +7,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dln_ens.data.task import Example
-from dln_ens.dln.layers import CallCache, HiddenLayer, OutputLayer
+from dln_ens.dln.layers import HiddenLayer, OutputLayer
+from dln_ens.scoring import CallCache
 
 
 class DeepLanguageNetwork:

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -69,6 +70,21 @@ def _append_jsonl(path: Path, record: dict | list[dict]) -> None:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+@dataclass
+class SystemState:
+    """A system's run state after its last completed iteration (``dln_<system>.state.json``)."""
+    system: str
+    fingerprint: str                 # `combine(fingerprint_parts)`: what a resumed run must share
+    fingerprint_parts: dict
+    iteration: int = 0
+    dev_cache: dict[str, float] = field(default_factory=dict)   # dev accuracy per prompts (JSON)
+    done: bool = False               # test evaluated
+    init: dict | None = None         # {"prompts", "dev"} of the initial prompts
+    trainer: dict | None = None      # `VariationalTrainer.state_dict()`
+    test: dict | None = None         # {"init", "best"} test accuracy
+    test_tokens: dict | None = None  # tokens per backend of the test evaluation
 
 
 # ----------------------------------------------------------------------------- building
@@ -141,11 +157,21 @@ def _task_splits(dcfg: DLNConfig, tasks: dict, name: str, layers: int) -> tuple:
     return task, dev, test
 
 
-def check_dln_run(cfg: Config, run_dir: Path, resume: bool = True) -> dict:
+@dataclass
+class RunPlan:
+    """What a DLN run needs, found by `check_dln_run` before anything is written."""
+    splits: dict[tuple[str, int], tuple]   # (task name, layers) -> (task, dev, test)
+    library: TemplateLibrary
+    fingerprints: dict[str, dict]          # system name -> fingerprint parts
+
+    def split(self, dcfg: DLNConfig, system: DLNSystem) -> tuple:
+        return self.splits[(system.task or dcfg.task, system.layers)]
+
+
+def check_dln_run(cfg: Config, run_dir: Path, resume: bool = True) -> RunPlan:
     """Every check of a DLN run that loads no model, before anything is written: settings and
     names, every system's task (an unknown or empty task fails before any system trains), its
-    templates, and that saved state in ``run_dir`` belongs to this experiment. Returns what the
-    run needs: {"splits": {(task, layers): (task, dev, test)}, "library", "fingerprints": {system: parts}}."""
+    templates, and that saved state in ``run_dir`` belongs to this experiment."""
     if cfg.dln is None:
         raise ConfigError(f"{cfg.source}: no \"dln\" section; add one (see conf/default.json)")
     dcfg = cfg.dln
@@ -173,10 +199,11 @@ def check_dln_run(cfg: Config, run_dir: Path, resume: bool = True) -> dict:
                                   f"made with {_changed(state.get('fingerprint_parts'), parts, task.name)}; "
                                   f"resuming would mix two experiments. Use another \"name\", or start over "
                                   f"with resume=False (dln-ens run --fresh)")
-    return {"splits": splits, "library": library, "fingerprints": fingerprints}
+    return RunPlan(splits, library, fingerprints)
 
 
-def run_dln(cfg: Config, pool, run_dir: Path | None = None, resume: bool = True, plan: dict | None = None) -> dict:
+def run_dln(cfg: Config, pool, run_dir: Path | None = None, resume: bool = True,
+            plan: RunPlan | None = None) -> dict:
     """Train every system of ``cfg.dln`` on its task; ``pool.get(name)`` gives the backends.
     ``plan``: what `check_dln_run` returned (checked again when None).
     Returns {"run_dir", "task", "systems": {name: {...}}, "summary"}."""
@@ -189,7 +216,7 @@ def run_dln(cfg: Config, pool, run_dir: Path | None = None, resume: bool = True,
         return _run_all(cfg, pool, run_dir, resume, plan)
 
 
-def _run_all(cfg: Config, pool, run_dir: Path, resume: bool, plan: dict) -> dict:
+def _run_all(cfg: Config, pool, run_dir: Path, resume: bool, plan: RunPlan) -> dict:
     dcfg = cfg.dln
     counters: dict[int, CountingLM] = {}
 
@@ -197,14 +224,9 @@ def _run_all(cfg: Config, pool, run_dir: Path, resume: bool, plan: dict) -> dict
         lm = pool.get(name)
         return counters.setdefault(id(lm), CountingLM(lm))
 
-    results = {}
-    for system in dcfg.systems:
-        task, dev, test = plan["splits"][(system.task or dcfg.task, system.layers)]
-        results[system.name] = {"task": task.name, "num_dev": len(dev), "num_test": len(test),
-                                **_run_system(system, dcfg, task, dev, test, get_backend, counters,
-                                              plan["library"], run_dir, resume, plan["fingerprints"][system.name])}
-    baselines = _run_baselines(dcfg, results, lambda name, layers: plan["splits"][(name, layers)], get_backend,
-                               plan["library"], run_dir, resume)
+    results = {system.name: _run_system(system, dcfg, plan, get_backend, counters, run_dir, resume)
+               for system in dcfg.systems}
+    baselines = _run_baselines(dcfg, results, plan, get_backend, run_dir, resume)
     summary = format_summary(results, baselines)
     write_json(run_dir / "best_prompts.json", {n: r["best_prompts"] for n, r in results.items()})
     write_json(run_dir / "results.json", {"task": dcfg.task, "systems": results, "baselines": baselines})
@@ -214,7 +236,7 @@ def _run_all(cfg: Config, pool, run_dir: Path, resume: bool, plan: dict) -> dict
             "summary": summary}
 
 
-def _run_baselines(dcfg, results, task_splits, get_backend, library, run_dir, resume) -> list[dict]:
+def _run_baselines(dcfg, results, plan: RunPlan, get_backend, run_dir, resume) -> list[dict]:
     """Zero- / k-shot rows for every (task, layer backend) a system trains on, on the test split
     the systems use; finished rows are kept in baselines.json and not recomputed on resume."""
     path = run_dir / "baselines.json"
@@ -226,10 +248,10 @@ def _run_baselines(dcfg, results, task_splits, get_backend, library, run_dir, re
         for k in dcfg.baseline_shots:
             key = (r["task"], r["backend"], k)
             if key not in done:
-                task, _, test = task_splits(system.task or dcfg.task, system.layers)
+                task, _, test = plan.split(dcfg, system)
                 counter = get_backend(r["backend"])
                 before = counter.token_snapshot()
-                layer = OutputLayer(library.get(dcfg.output_template), counter, task.instruction, task.classes,
+                layer = OutputLayer(plan.library.get(dcfg.output_template), counter, task.instruction, task.classes,
                                     dcfg.output_max_new_tokens, dcfg.length_normalize, dcfg.class_aggregation)
                 row = evaluate_baseline(layer, task, test, k, dcfg.seed)
                 after = counter.token_snapshot()
@@ -247,9 +269,9 @@ def experiment_fingerprint(resolved: dict) -> str:
     return combine({k: resolved.get(k) for k in ("backends", "dln")})
 
 
-def _run_system(system, dcfg, task, dev, test, get_backend, counters, library, run_dir, resume,
-                fingerprint_parts) -> dict:
-    network, trainer = build_system(system, dcfg, task, get_backend, library)
+def _run_system(system, dcfg, plan: RunPlan, get_backend, counters, run_dir, resume) -> dict:
+    task, dev, test = plan.split(dcfg, system)
+    network, trainer = build_system(system, dcfg, task, get_backend, plan.library)
     log_path = run_dir / f"dln_{_safe(system.name)}.jsonl"
     state_path = run_dir / f"dln_{_safe(system.name)}.state.json"
     trace_path = run_dir / f"traces_{_safe(system.name)}.jsonl"
@@ -264,47 +286,40 @@ def _run_system(system, dcfg, task, dev, test, get_backend, counters, library, r
         return {c.name: c.token_snapshot() for c in counters.values() if c.tokens is not None}
 
     def used_tokens(before: dict) -> dict:
-        out = {}
-        for n, a in tokens().items():
-            b = before.get(n, {k: 0 for k in a})
-            d = {k: a[k] - b[k] for k in a}
-            if d["total"]:
-                out[n] = d
-        return out
+        used = {n: {k: a[k] - before.get(n, {}).get(k, 0) for k in a} for n, a in tokens().items()}
+        return {n: d for n, d in used.items() if d["total"]}
 
-    def dev_accuracy(state: dict, iteration: int) -> float:
+    def dev_accuracy(state: SystemState, iteration: int) -> float:
         key = json.dumps(network.prompts, sort_keys=True)
-        if key not in state["dev_cache"]:
+        if key not in state.dev_cache:
             acc, preds, hidden = network.evaluate(dev, task.is_correct, desc=f"{system.name} dev")
             _append_jsonl(trace_path, trace_rows("dev", iteration, dev, preds, hidden, task.is_correct))
-            state["dev_cache"][key] = acc
-        return state["dev_cache"][key]
+            state.dev_cache[key] = acc
+        return state.dev_cache[key]
 
     if state_path.exists():   # check_dln_run has checked its fingerprint
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-        trainer.load_state_dict(state["trainer"])
+        state = SystemState(**json.loads(state_path.read_text(encoding="utf-8")))
+        trainer.load_state_dict(state.trainer)
         # drop log and trace lines of work that was logged but not checkpointed
-        lines = [r for r in _read_log(log_path) if r["iteration"] <= state["iteration"]]
-        write_jsonl(log_path, lines)
-        traces = [r for r in _read_log(trace_path)
-                  if (r["split"] == "dev" and r["iteration"] <= state["iteration"]) or state["done"]]
-        write_jsonl(trace_path, traces)
+        write_jsonl(log_path, [r for r in _read_log(log_path) if r["iteration"] <= state.iteration])
+        write_jsonl(trace_path, [r for r in _read_log(trace_path)
+                                 if (r["split"] == "dev" and r["iteration"] <= state.iteration) or state.done])
     else:
         for p in (log_path, trace_path):
             p.unlink(missing_ok=True)
-        state = {"system": system.name, "fingerprint": combine(fingerprint_parts),
-                 "fingerprint_parts": fingerprint_parts, "iteration": 0, "dev_cache": {}, "done": False}
+        parts = plan.fingerprints[system.name]
+        state = SystemState(system.name, combine(parts), parts)
         before = tokens()
         init_dev = dev_accuracy(state, 0)
         checked = trainer.validated(init_dev, 0)
-        state.update(init={"prompts": network.prompts, "dev": init_dev}, trainer=trainer.state_dict())
+        state.init, state.trainer = {"prompts": network.prompts, "dev": init_dev}, trainer.state_dict()
         _append_jsonl(log_path, {"system": system.name, "iteration": 0, "prompts": network.prompts,
                                  "dev_acc": init_dev, **checked, "tokens": used_tokens(before)})
-        write_json(state_path, state)
+        write_json(state_path, asdict(state))
 
     settings = trainer.cfg
-    bar = tqdm(range(state["iteration"] + 1, settings.iters + 1), desc=f"DLN-{system.layers} {system.name}",
-               initial=state["iteration"], total=settings.iters)
+    bar = tqdm(range(state.iteration + 1, settings.iters + 1), desc=f"DLN-{system.layers} {system.name}",
+               initial=state.iteration, total=settings.iters)
     for it in bar:
         before, before_tokens, t0 = calls(), tokens(), time.perf_counter()
         idx = trainer.batch_indices(task.train, it)
@@ -322,26 +337,26 @@ def _run_system(system, dcfg, task, dev, test, get_backend, counters, library, r
         record["lm_calls"] = {n: d for n, d in used.items() if any(v["calls"] for v in d.values())}
         record["tokens"] = used_tokens(before_tokens)
         _append_jsonl(log_path, record)
-        state.update(iteration=it, trainer=trainer.state_dict())
-        write_json(state_path, state)
+        state.iteration, state.trainer = it, trainer.state_dict()
+        write_json(state_path, asdict(state))
         bar.set_postfix(loss=f"{record['train_loss']:.2f}", dev=f"{trainer.best['dev']:.2f}")
     bar.close()
 
     best = trainer.best
-    if not state["done"]:
+    if not state.done:
         before = tokens()
         init_net_prompts = network.prompts
-        network.set_prompts(state["init"]["prompts"])
+        network.set_prompts(state.init["prompts"])
         init_test, preds, hidden = network.evaluate(test, task.is_correct, desc=f"{system.name} test (init)")
-        _append_jsonl(trace_path, trace_rows("test_init", state["iteration"], test, preds, hidden, task.is_correct))
-        if best["prompts"] != state["init"]["prompts"]:
+        _append_jsonl(trace_path, trace_rows("test_init", state.iteration, test, preds, hidden, task.is_correct))
+        if best["prompts"] != state.init["prompts"]:
             network.set_prompts(best["prompts"])   # greedy: the same prompts give the same answers
             _, preds, hidden = network.evaluate(test, task.is_correct, desc=f"{system.name} test (learned)")
         best_test = float(sum(task.is_correct(p, e.target) for p, e in zip(preds, test)) / len(test))
-        _append_jsonl(trace_path, trace_rows("test", state["iteration"], test, preds, hidden, task.is_correct))
+        _append_jsonl(trace_path, trace_rows("test", state.iteration, test, preds, hidden, task.is_correct))
         network.set_prompts(init_net_prompts)
-        state.update(done=True, test={"init": init_test, "best": best_test}, test_tokens=used_tokens(before))
-        write_json(state_path, state)
+        state.done, state.test, state.test_tokens = True, {"init": init_test, "best": best_test}, used_tokens(before)
+        write_json(state_path, asdict(state))
 
     rows = _read_log(log_path)
     settings_dict = {k: v for k, v in config_to_dict(settings).items() if k != "systems"}
@@ -349,18 +364,19 @@ def _run_system(system, dcfg, task, dev, test, get_backend, counters, library, r
     out_dir.mkdir(exist_ok=True)
     atomic_write_text(out_dir / "output.log", "\n".join(
         output_log_lines({"system": system.name, "layers": system.layers, "task": task.name, **settings_dict},
-                         rows, best, state["test"], state.get("test_tokens"))) + "\n")
+                         rows, best, state.test, state.test_tokens)) + "\n")
     train_tokens = _tokens_by_backend(rows)
-    return {"layers": system.layers, "backend": system.backend,
+    return {"task": task.name, "num_dev": len(dev), "num_test": len(test),
+            "layers": system.layers, "backend": system.backend,
             "hidden_backend": system.hidden_backend or (system.backend if system.layers == 2 else None),
             "proposer": system.proposer or system.backend,
             "posterior": (system.posterior or system.backend) if system.layers == 2 else None,
-            "iterations": state["iteration"],
-            "init_prompts": state["init"]["prompts"], "best_prompts": best["prompts"],
+            "iterations": state.iteration,
+            "init_prompts": state.init["prompts"], "best_prompts": best["prompts"],
             "best_iteration": best["iteration"],
-            "dev": {"init": state["init"]["dev"], "learned": best["dev"]},
-            "test": {"init": state["test"]["init"], "learned": state["test"]["best"]},
-            "tokens": {"train": train_tokens, "test": state.get("test_tokens") or {}},
+            "dev": {"init": state.init["dev"], "learned": best["dev"]},
+            "test": {"init": state.test["init"], "learned": state.test["best"]},
+            "tokens": {"train": train_tokens, "test": state.test_tokens or {}},
             "settings": settings_dict}
 
 

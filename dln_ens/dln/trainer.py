@@ -39,9 +39,9 @@ import numpy as np
 from dln_ens.config import DLNConfig
 from dln_ens.data.task import Example, Task
 from dln_ens.dln import elbo as E
-from dln_ens.dln.layers import CallCache
 from dln_ens.dln.network import DeepLanguageNetwork, input_with_thoughts
 from dln_ens.dln.samplers import BackwardInfo, PosteriorSampler, PromptProposer, ProposalJob
+from dln_ens.scoring import CallCache
 
 
 def derive_seed(*keys) -> int:
@@ -181,9 +181,6 @@ class VariationalTrainer:
         order = [current] + mem + proposals if self.cfg.proposals_include_current else [current] + proposals + mem
         return list(dict.fromkeys(order))
 
-    def _penalty(self, wrong_loglik: np.ndarray, wrong: np.ndarray) -> np.ndarray:
-        return E.penalty(wrong_loglik, wrong, self.cfg.logp_penalty_scale)
-
     # ------------------------------------------------------------------ one step
     def step(self, batch: list[Example], iteration: int) -> dict:
         x = [e.input for e in batch]
@@ -199,54 +196,15 @@ class VariationalTrainer:
         if not wrong.any() and not proposes_anyway:
             record.update(updated=False, reason="no errors in the batch", prompts=self.net.prompts)
             return record
-        if self.net.depth == 1:
-            record.update(self._step_one_layer(x, y, preds, wrong, iteration, cache))
-        else:
-            record.update(self._step_two_layers(x, y, hs, preds, wrong, iteration, cache))
-        record["updated"] = True
-        record["prompts"] = self.net.prompts
+        record.update(self._update(x, y, hs, preds, wrong, iteration, cache), updated=True, prompts=self.net.prompts)
         return record
 
-    def _step_one_layer(self, x, y, preds, wrong, iteration, cache) -> dict:
-        cfg, out = self.cfg, self.net.output
-        prop, rank = self._split(len(x), iteration)
-        infos = [BackwardInfo(x[i], y[i], preds[i], bool(wrong[i])) for i in prop]
-        rng = np.random.default_rng(derive_seed(self.seed, iteration, "proposal_order"))
-        (props,) = self.proposer.propose([self._job(out.prompt, "p2", infos)], rng,
-                                         derive_seed(self.seed, iteration, "proposal"))
-        cands = self._candidates(out.prompt, props, "p2")
-        K = len(cands)
-        rx = [x[i] for i in rank for _ in cands]
-        ry = [y[i] for i in rank for _ in cands]
-        rp = [c for _ in rank for c in cands]
-        scores = self._output_scores(rp, rx, ry, None, cache)
-        scores = scores.reshape(len(rank), 1, K)
-        elbos = E.elbo(scores, np.ones((len(rank), 1)))
-        kl = pen = None
-        if cfg.trust_factor > 0:
-            probs = out.log_likelihood(rp, rx, ry, None, cache)[1]
-            kl = E.trust_kl(probs.reshape(len(rank), K, -1))
-        penalty = self.logp_penalty_at(iteration)
-        if penalty > 0:
-            # log-likelihood, under each candidate, of the wrong answers the current prompt gave
-            wrong_ll = out.log_likelihood(rp, rx, [preds[i] for i in rank for _ in cands], None, cache)[0]
-            pen = self._penalty(wrong_ll.reshape(len(rank), K), wrong[rank])
-        obj = E.candidate_objective(elbos, kl, cfg.trust_factor, pen, penalty)
-        best = E.select(obj)
-        out.prompt = cands[best]
-        return {"p2_candidates": _table(cands, elbos, obj, kl, pen), "elbo2": float(elbos[best]),
-                "logp_penalty": penalty}
-
-    def _step_two_layers(self, x, y, h1, preds, wrong, iteration, cache) -> dict:
-        cfg, out, hid = self.cfg, self.net.output, self.net.hidden
-        B = len(x)
-        prop, rank = self._split(B, iteration)
-        p1, p2 = hid.prompt, out.prompt
-        xh = [hid.view(v) for v in x]   # what the hidden layer and the posterior read
-
-        # posterior samples; an example that is not rewritten keeps its forward h as its sample
+    def _posterior(self, x, y, xh, h1, wrong, iteration, cache) -> tuple[list[list[str]], np.ndarray]:
+        """(posterior samples H[i] per example, their weights [B, Hmax]); an example that is not
+        rewritten keeps its forward h as its sample."""
+        cfg, hid, B = self.cfg, self.net.hidden, len(x)
         rewrite = [i for i in range(B) if wrong[i] or not cfg.rewrite_wrong_only]
-        sampled = self.posterior.sample(p1, [xh[i] for i in rewrite], [y[i] for i in rewrite],
+        sampled = self.posterior.sample(hid.prompt, [xh[i] for i in rewrite], [y[i] for i in rewrite],
                                         cfg.num_h_samples, derive_seed(self.seed, iteration, "posterior"))
         H = [[h] for h in h1]
         for i, samples in zip(rewrite, sampled):
@@ -254,33 +212,48 @@ class VariationalTrainer:
         Hmax = max(len(h) for h in H)
         mask = np.asarray([[j < len(H[i]) for j in range(Hmax)] for i in range(B)])
         cells = [(i, j) for i in range(B) for j in range(len(H[i]))]
+        # weights under the current prompts (uniform from T = 100 on, as the reference)
+        if Hmax == 1 or cfg.posterior_temp >= 100:
+            return H, mask / mask.sum(axis=1, keepdims=True)
+        ll = np.zeros((B, Hmax))
+        ll[tuple(zip(*cells))] = self._output_scores(
+            [self.net.output.prompt] * len(cells), [x[i] for i, _ in cells], [y[i] for i, _ in cells],
+            [H[i][j] for i, j in cells], cache)
+        prior = None
+        if cfg.scoring == "logprob":
+            prior = np.zeros((B, Hmax))
+            prior[tuple(zip(*cells))] = hid.log_prob([hid.prompt] * len(cells), [x[i] for i, _ in cells],
+                                                     [H[i][j] for i, j in cells], cache)
+        return H, E.posterior_weights(ll, prior, cfg.posterior_temp, mask)
 
-        # posterior weights under the current prompts (uniform from T = 100 on, as the reference)
-        if Hmax > 1 and cfg.posterior_temp < 100:
-            ll = np.zeros((B, Hmax))
-            ll[tuple(zip(*cells))] = self._output_scores(
-                [p2] * len(cells), [x[i] for i, _ in cells], [y[i] for i, _ in cells],
-                [H[i][j] for i, j in cells], cache)
-            prior = None
-            if cfg.scoring == "logprob":
-                prior = np.zeros((B, Hmax))
-                prior[tuple(zip(*cells))] = hid.log_prob([p1] * len(cells), [x[i] for i, _ in cells],
-                                                         [H[i][j] for i, j in cells], cache)
-            weights = E.posterior_weights(ll, prior, cfg.posterior_temp, mask)
+    def _update(self, x, y, h1, preds, wrong, iteration, cache) -> dict:
+        """One update of every layer's prompt. DLN-1 is the two-layer case without a hidden
+        layer: one "sample" h = None of weight 1 per example, and the logp penalty falls on the
+        output layer's own wrong answers."""
+        cfg, out, hid = self.cfg, self.net.output, self.net.hidden
+        B = len(x)
+        prop, rank = self._split(B, iteration)
+        record = {}
+        if hid is None:
+            H, weights = [[None] for _ in range(B)], np.ones((B, 1))
         else:
-            weights = mask / mask.sum(axis=1, keepdims=True)
-        h_star = [H[i][int(np.argmax(weights[i]))] for i in range(B)]
+            xh = [hid.view(v) for v in x]   # what the hidden layer and the posterior read
+            H, weights = self._posterior(x, y, xh, h1, wrong, iteration, cache)
+            record["posterior"] = {"samples": H, "weights": [weights[i, :len(H[i])].tolist() for i in range(B)]}
+        Hmax = weights.shape[1]
 
-        # proposals for both layers in one call
+        # proposals for every layer in one call
         rng = np.random.default_rng(derive_seed(self.seed, iteration, "proposal_order"))
-        jobs = [self._job(p2, "p2", [BackwardInfo(input_with_thoughts(x[i], h1[i]), y[i], preds[i], bool(wrong[i]))
-                                     for i in prop]),
-                self._job(p1, "p1", [BackwardInfo(xh[i], h_star[i], h1[i], bool(wrong[i])) for i in prop])]
-        props2, props1 = self.proposer.propose(jobs, rng, derive_seed(self.seed, iteration, "proposal"))
-        c2 = self._candidates(p2, props2, "p2")
-        c1 = self._candidates(p1, props1, "p1")
+        seen = [x[i] if hid is None else input_with_thoughts(x[i], h1[i]) for i in range(B)]
+        jobs = [self._job(out.prompt, "p2", [BackwardInfo(seen[i], y[i], preds[i], bool(wrong[i])) for i in prop])]
+        if hid is not None:
+            h_star = [H[i][int(np.argmax(weights[i]))] for i in range(B)]
+            jobs.append(self._job(hid.prompt, "p1", [BackwardInfo(xh[i], h_star[i], h1[i], bool(wrong[i]))
+                                                     for i in prop]))
+        props = self.proposer.propose(jobs, rng, derive_seed(self.seed, iteration, "proposal"))
         w = weights[rank]
         rcells = [(r, i, j) for r, i in enumerate(rank) for j in range(len(H[i]))]
+        penalty = self.logp_penalty_at(iteration)
 
         def grid(cands: list[str], score) -> np.ndarray:
             """[len(rank), Hmax, K]: ``score(prompts, example indices, hs)`` of every ranked
@@ -292,37 +265,44 @@ class VariationalTrainer:
                 s[r, j, k] = v
             return s
 
+        def by_candidate(cands: list[str], score, targets) -> np.ndarray:
+            """[len(rank), K]: ``score(prompts, inputs, targets)`` of every ranked example."""
+            return score([c for _ in rank for c in cands], [x[i] for i in rank for _ in cands],
+                         [targets[i] for i in rank for _ in cands]).reshape(len(rank), len(cands), -1)
+
         # p2: ELBO over the posterior samples
-        K2 = len(c2)
+        c2 = self._candidates(out.prompt, props[0], "p2")
         s2 = grid(c2, lambda ps, idx, hs: self._output_scores(ps, [x[i] for i in idx], [y[i] for i in idx],
                                                                 hs, cache))
         elbo2 = E.elbo(s2, w)
-        kl = None
+        kl = pen2 = None
         if cfg.trust_factor > 0:   # on the forward h under each candidate
-            probs = out.log_likelihood([c for _ in rank for c in c2], [x[i] for i in rank for _ in c2],
-                                       [y[i] for i in rank for _ in c2], [h1[i] for i in rank for _ in c2],
-                                       cache)[1]
-            kl = E.trust_kl(probs.reshape(len(rank), K2, -1))
-        obj2 = E.candidate_objective(elbo2, kl, cfg.trust_factor)
+            kl = E.trust_kl(by_candidate(c2, lambda ps, xs, ys: out.log_likelihood(
+                ps, xs, ys, None if h1 is None else [h1[i] for i in rank for _ in c2], cache)[1], y))
+        if hid is None and penalty > 0:   # log-lik, under each candidate, of the wrong answers given
+            pen2 = E.penalty(by_candidate(c2, lambda ps, xs, ys: out.log_likelihood(
+                ps, xs, ys, None, cache)[0], preds)[..., 0], wrong[rank], cfg.logp_penalty_scale)
+        obj2 = E.candidate_objective(elbo2, kl, cfg.trust_factor, pen2, penalty)
         best2 = E.select(obj2)
+        out.prompt = c2[best2]
+        record.update(p2_candidates=_table(c2, elbo2, obj2, kl, pen2), elbo2=float(elbo2[best2]),
+                      logp_penalty=penalty)
+        if hid is None:
+            return record
 
         # p1: ELBO of the posterior samples under each candidate
+        c1 = self._candidates(hid.prompt, props[1], "p1")
         s1 = grid(c1, lambda ps, idx, hs: hid.log_prob(ps, [x[i] for i in idx], hs, cache))
         elbo1 = E.elbo(s1, w)
         pen = None
-        penalty = self.logp_penalty_at(iteration)
         if penalty > 0:   # log p(forward h | x, p) of the wrong examples under each candidate
-            fwd = hid.log_prob([c for _ in rank for c in c1], [x[i] for i in rank for _ in c1],
-                               [h1[i] for i in rank for _ in c1], cache)
-            pen = self._penalty(fwd.reshape(len(rank), len(c1)), wrong[rank])
+            pen = E.penalty(by_candidate(c1, lambda ps, xs, hs: hid.log_prob(ps, xs, hs, cache), h1)[..., 0],
+                            wrong[rank], cfg.logp_penalty_scale)
         obj1 = E.candidate_objective(elbo1, None, 0.0, pen, penalty)
         best1 = E.select(obj1)
-
-        hid.prompt, out.prompt = c1[best1], c2[best2]
-        return {"posterior": {"samples": H, "weights": [weights[i, :len(H[i])].tolist() for i in range(B)]},
-                "p1_candidates": _table(c1, elbo1, obj1, None, pen),
-                "p2_candidates": _table(c2, elbo2, obj2, kl, None),
-                "elbo1": float(elbo1[best1]), "elbo2": float(elbo2[best2]), "logp_penalty": penalty}
+        hid.prompt = c1[best1]
+        record.update(p1_candidates=_table(c1, elbo1, obj1, None, pen), elbo1=float(elbo1[best1]))
+        return record
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
