@@ -1,4 +1,4 @@
-"""`python -m dln_ens.bench {mat|decode|dln} ...`: benchmarks (not tests; they print tables)."""
+"""`python -m dln_ens.bench {mat|decode|dln|score|mod} ...`: benchmarks (not tests; they print tables)."""
 from __future__ import annotations
 
 import importlib
@@ -6,6 +6,7 @@ import importlib.util
 import sys
 
 COMMANDS = {"mat": "dln_ens.bench.mat", "decode": "dln_ens.bench.decode", "dln": "dln_ens.bench.dln",
+            "score": "dln_ens.bench.score",
             "mod": "dln_ens.bench.mod"}
 
 

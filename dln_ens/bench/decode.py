@@ -201,14 +201,32 @@ def lazy_dense(members, directory: Path):
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m dln_ens.bench decode", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def member_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of the random real-vocabulary members (shared with ``bench score``)."""
     ap.add_argument("--tokenizers", type=Path, default=SHARED / "tokenizers")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/dln_ens_bench_decode"))
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--head-scale", type=float, default=20.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def start(args):
+    """Threads, the header line, the members and their sparse k=64 matrices (cached in --workdir)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}", flush=True)
+    torch.set_grad_enabled(False)
+    members = make_members(args.tokenizers, args.width, args.layers, args.head_scale, args.seed)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return members, matrices(members, args.workdir / "sparse", 64)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m dln_ens.bench decode", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    member_arguments(ap)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -221,21 +239,13 @@ def main(argv=None):
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--only-all-anchor-compare", action="store_true",
                     help="skip the timings and the subset comparison")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}", flush=True)
+    members, sparse = start(args)
 
     from dln_ens.ensemble.model import EnsembleLanguageModel
     from dln_ens.fusion.registry import make_fusion
 
-    torch.set_grad_enabled(False)
-    members = make_members(args.tokenizers, args.width, args.layers, args.head_scale, args.seed)
     main_name = "llama"
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    sparse = matrices(members, args.workdir / "sparse", 64)
     print(f"anchors: {sparse[main_name].num_anchors} (sparse k=64)", flush=True)
     kw = {}
     if args.tail_mass is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-SCORE_MODES = ("exact", "fast")
+SCORE_MODES = ("fast", "exact")   # `EnsembleLanguageModel.score`
 
 
 @dataclass(kw_only=True)
@@ -14,7 +14,7 @@ class EnsembleOptions:
     method: str = "deepen"                  # a name in `fusion.registry.FUSION_METHODS`
     fusion: dict = field(default_factory=dict)      # the method's own settings (e.g. lr, steps)
     weights: Union[dict[str, float], None] = None   # None = uniform
-    score_mode: Literal["exact", "fast"] = "exact"
+    score_mode: Literal["fast", "exact"] = "fast"
     compute_device: str = "cpu"             # where the fusion runs
     batch_size: Union[int, None] = None     # None = the main member's
     window: int = 4                         # re-tokenisation tail in tokens (`ensemble.align`)

@@ -13,7 +13,7 @@ import torch
 
 from dln_ens.fusion.base import Fusion, SettingsError, check_finite
 from dln_ens.fusion.inverse import deepen_inverse
-from dln_ens.fusion.relative import aggregate, to_relative, top_mass_support
+from dln_ens.fusion.relative import aggregate, support_rows, to_relative, top_mass_support
 
 
 class DeepenFusion(Fusion):
@@ -66,12 +66,14 @@ class DeepenFusion(Fusion):
         z = logits[self.main].to(self.device, torch.float32)
         if not self.search:
             return torch.log_softmax(z, -1)
-        rels, main_support = [], None
+        rels, main_support, main_rows = [], None, None
         for n in self.names:
             p = torch.softmax(logits[n].to(self.device, torch.float32), -1)
             support = self._support(p)
-            rels.append(to_relative(p, self.matrices[n], support))
+            rows = None if support is None else support_rows(support, self.matrices[n])
+            rels.append(to_relative(p, self.matrices[n], support, rows))
             if n == self.main:
-                main_support = support
+                main_support, main_rows = support, rows   # the inverse search reuses them
         q = aggregate(rels, self.weights)
-        return deepen_inverse(z, q, self.matrices[self.main], self.settings.lr, self.settings.steps, main_support)
+        return deepen_inverse(z, q, self.matrices[self.main], self.settings.lr, self.settings.steps, main_support,
+                              main_rows)
