@@ -14,6 +14,19 @@ import torch
 from dln_ens.fusion.base import Fusion, SettingsError, check_finite
 from dln_ens.fusion.inverse import deepen_inverse
 from dln_ens.fusion.relative import aggregate, support_rows, to_relative, top_mass_support
+from dln_ens.relrep.matrix import RelRepMatrix
+
+
+DENSE_ENTRIES = 1 << 22   # a sparse matrix with at most this many V x A entries is used in dense form
+
+
+def computing_form(mat: RelRepMatrix) -> RelRepMatrix:
+    """A small sparse matrix (e.g. the zoo's, 1000 x 212) as its dense form: the same values,
+    and a product over a support becomes a small matmul instead of k scattered adds per token
+    (the results agree to float rounding)."""
+    if mat.is_sparse and mat.num_rows * mat.num_anchors <= DENSE_ENTRIES:
+        return RelRepMatrix(mat.num_anchors, dense=mat.to_dense())
+    return mat
 
 
 class DeepenFusion(Fusion):
@@ -53,7 +66,7 @@ class DeepenFusion(Fusion):
             if missing:
                 raise SettingsError(f"method 'deepen' needs a relative-representation matrix for every member; "
                                     f"missing {missing}: build them with `sh sh/mat.sh`")
-            self.matrices = {n: mats[n].to(self.device) for n in self.names}
+            self.matrices = {n: computing_form(mats[n].to(self.device)) for n in self.names}
 
     def active(self) -> list[str]:
         return super().active() if self.search else [self.main]

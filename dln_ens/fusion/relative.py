@@ -56,11 +56,17 @@ class SupportRows:
     vals: torch.Tensor | None = None       # sparse: [B, S, k]
     residual: torch.Tensor | None = None   # sparse: [B, S]
     dense: torch.Tensor | None = None      # dense: [B, S, A]
+    whole: bool = False                    # dense, few rows: products with the whole matrix instead
+
+
+WHOLE_MATRIX = 8   # a dense matrix with at most this many rows per support token is used whole
 
 
 def support_rows(support: Support, mat: RelRepMatrix) -> SupportRows:
     idx = support.idx
     if not mat.is_sparse:
+        if mat.num_rows <= WHOLE_MATRIX * idx.shape[1]:   # one matmul beats gathering [B, S, A]
+            return SupportRows(whole=True)
         return SupportRows(dense=mat.dense[idx])
     return SupportRows(cols=mat.topk_idx[idx].reshape(idx.shape[0], -1), vals=mat.topk_val[idx],
                        residual=mat.residual[idx])
@@ -73,6 +79,10 @@ def relative_from_support(p_s: torch.Tensor, support: Support, mat: RelRepMatrix
     B = p_s.shape[0]
     A = mat.num_anchors
     p_s = p_s * support.valid
+    if rows.whole:
+        p = torch.zeros((B, mat.num_rows), dtype=p_s.dtype, device=p_s.device).scatter_(1, support.idx, p_s)
+        r = p @ mat.dense
+        return r if tail is None else r + (tail / A).unsqueeze(-1)
     if rows.dense is not None:
         r = torch.einsum("bs,bsa->ba", p_s, rows.dense)
         return r if tail is None else r + (tail / A).unsqueeze(-1)
@@ -126,6 +136,8 @@ def relative_grad(g_r: torch.Tensor, mat: RelRepMatrix, support: Support | None 
             out[:, lo:hi] = (g_r[:, mat.topk_idx[lo:hi]] * mat.topk_val[lo:hi]).sum(-1)
         return out + mat.residual * uniform
     rows = rows or support_rows(support, mat)
+    if rows.whole:
+        return (g_r @ mat.dense.T).gather(1, support.idx)
     if rows.dense is not None:
         return torch.einsum("bsa,ba->bs", rows.dense, g_r)
     picked = g_r.gather(1, rows.cols).view(rows.vals.shape)
