@@ -91,3 +91,15 @@ def test_update_many_equals_the_tokenizer_on_every_text():
             for tr, t, b, k in zip(tracks, texts, before, keep):
                 assert tr.ids == tok(t)["input_ids"]
                 assert tr.ids[:k] == b[:k]
+
+
+def test_batched_encoding_equals_the_tokenizer_call():
+    from dln_ens.ensemble.align import encode_with_offsets
+    rng = random.Random(4)
+    texts = ["".join(rng.choice(PIECES) for _ in range(rng.randint(0, 30))) for _ in range(30)]
+    for tok in {**trained(), **real(["llama-spm", "gpt-2", "falcon", "deepseek-coder", "phi-3"])}.values():
+        for special in (True, False):
+            got = encode_with_offsets(tok, texts, special)
+            for t, (ids, offs) in zip(texts, got):
+                enc = tok(t, add_special_tokens=special, return_offsets_mapping=True)
+                assert ids == enc["input_ids"] and offs == [tuple(o) for o in enc["offset_mapping"]], t

@@ -39,11 +39,38 @@ def final_text(data: bytes) -> str:
 
 
 def encode_with_offsets(tokenizer, texts: list[str], special: bool) -> list[tuple[list[int], list]]:
-    """(ids, char spans) of each text, in one batched tokenizer call."""
+    """(ids, char spans) of each text, in one batched tokenizer call: ``tokenizer(texts)``, or
+    its Rust backend directly where that is all ``tokenizer(texts)`` would run (`_plain_backend`;
+    the per-text conversion to Python lists costs more than the tokenisation of a short tail)."""
     if not texts:
         return []
+    backend = _plain_backend(tokenizer)
+    if backend is not None:
+        return [(e.ids, e.offsets) for e in backend.encode_batch(list(texts), add_special_tokens=special)]
     enc = tokenizer(list(texts), add_special_tokens=special, return_offsets_mapping=True)
     return [(list(i), [tuple(o) for o in offs]) for i, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+
+
+def _plain_backend(tokenizer):
+    """The `tokenizers.Tokenizer` behind a transformers tokenizer whose call is exactly its
+    ``encode_batch`` (no method of the call path overridden, no truncation, padding or special
+    token splitting set); else None."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    cls, backend = type(tokenizer), getattr(tokenizer, "_tokenizer", None)
+    if not isinstance(tokenizer, TokenizersBackend) or backend is None:
+        return None
+    path = ("__call__", "_get_padding_truncation_strategies", "_encode_plus", "set_truncation_and_padding")
+    if any(getattr(cls, m, None) is not getattr(TokenizersBackend, m, None) for m in path) \
+            or hasattr(tokenizer, "_switch_to_input_mode"):
+        return None
+    if backend.truncation is not None or backend.padding is not None:
+        return None
+    if backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False)):
+        return None
+    return backend
 
 
 class TokenTrack:
