@@ -39,6 +39,10 @@ def test_logits_at_equals_each_prefix_run_alone(lm):
     seqs.append([rng.randrange(V) for _ in range(5)])   # a group of one, read at its end only
     groups.append("alone")
     wanted.append([4])
+    for n in (3, 6):                                     # a group without a common first token
+        seqs.append([n] + [rng.randrange(V) for _ in range(n)])
+        groups.append("no stem")
+        wanted.append([0, n - 1, n])
     want = torch.stack([alone(lm.model, s[:j + 1]) for s, w in zip(seqs, wanted) for j in w])
     got = logits_at(lm, seqs, groups, wanted)
     assert got.shape == want.shape

@@ -64,12 +64,12 @@ def check_reads(tok, prefixes, groups):
 
 @pytest.mark.parametrize("kind", ["trained", "real"])
 def test_reads_are_the_prefix_tokenisations(kind):
-    toks = trained() if kind == "trained" else real(["llama-spm", "gpt-2", "falcon"])
+    toks = trained() if kind == "trained" else real(["llama-spm", "gpt-2", "falcon", "deepseek-coder", "phi-3"])
     if not toks:
         pytest.skip(f"{SHARED} absent")
     rng = random.Random(1)
     shared_total = 0
-    for main in toks.values():
+    for main in list(toks.values())[:2]:
         ps = pairs(main, rng)
         for tok in toks.values():
             reads = check_reads(tok, [p for _, p in ps], [c for c, _ in ps])

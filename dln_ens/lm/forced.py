@@ -46,6 +46,11 @@ def logits_at(member, seqs: Sequence[Sequence[int]], groups: Sequence[Hashable],
     position's logits, or, when only its last token's logits are wanted, left-padded with those
     alone (``last_logits``: no LM head over the other positions)."""
     groups = list(groups)
+    for key in dict.fromkeys(groups):   # a group without a common first token: each row alone
+        rows = [i for i, g in enumerate(groups) if g == key]
+        if common_prefix_len([seqs[i] for i in rows]) == 0:
+            for i in rows:
+                groups[i] = (key, i)
     keys = list(dict.fromkeys(groups))
     stem_of = {k: s for s, k in enumerate(keys)}
     stem_len = {}
