@@ -49,6 +49,9 @@ from dln_ens.relrep.vocab import token_surfaces
 
 
 
+FUSION_ROWS = 64   # positions per fusion call in the one-pass score ([rows, V] temporaries stay small)
+
+
 class _Lane:
     """One member's batched decoding state: a KV cache whose mask may have holes."""
 
@@ -305,7 +308,10 @@ class EnsembleLanguageModel:
                 reads = member_reads(self.members[n].tokenizer, prefixes, [x for x, _, _ in rows], window=self.window,
                                      verify=self.verify_alignment, name=n)
                 logits[n] = logits_at(self.members[n], reads.seqs, reads.groups, reads.wanted, order=reads.order)
-        return summed_logprobs(self.fusion(logits), [t for _, _, t in rows])
+        P = len(logits[self.main])   # the fusion is row-independent: blocks keep its temporaries small
+        fused = torch.cat([self.fusion({n: x[a:a + FUSION_ROWS] for n, x in logits.items()})
+                           for a in range(0, P, FUSION_ROWS)])
+        return summed_logprobs(fused, [t for _, _, t in rows])
 
     @torch.inference_mode()
     def next_token_distribution(self, contexts: list[str]) -> torch.Tensor:
