@@ -39,7 +39,7 @@ def test_valid_config_resolves_types_and_defaults(tmp_path):
     assert (ens.method, ens.fusion, ens.topk, ens.temperature) == ("deepen", {}, 64, 100.0)
     assert describe_backend(cfg, "ens") | {} == {
         "backend": "ens", "type": "ensemble", "members": "a+b", "main": "a", "method": "deepen",
-        "score_mode": "exact", "weights": "uniform", "weighting": "uniform", "lr": 0.15, "steps": 5, "tail_mass": 1e-4,
+        "score_mode": "auto", "weights": "uniform", "weighting": "uniform", "lr": 0.15, "steps": 5, "tail_mass": 1e-4,
         "max_support": 256, "matrix": "sparse k=64"}
     assert cfg.eval.backends == ["a", "ens"]
     # the resolved config is plain JSON and parses back to the same thing

@@ -267,3 +267,31 @@ def test_settings_are_refused_in_the_python_api_as_in_the_config(members, matdir
             EnsembleLanguageModel({"bpe": members["bpe"], "sp": members["sp"]}, main="bpe", matrices=matdir, **bad)
     with pytest.raises(SettingsError, match="unknown fusion method 'mean'"):
         EnsembleLanguageModel(members, main="bpe", method="mean")
+
+
+def test_one_pass_score_equals_exact_mode(members, matdir):
+    """The default one-pass score against the forced decode (exact mode), for every main member,
+    on targets that split words and characters differently in each member; and the
+    support-restricted fusion too. They differ only by float rounding."""
+    contexts = ["the quick brown fox", "Input: 1 2 , the lazy dog\nAnswer:", "a", "Ünï 🙂 yes"]
+    targets = [" jumps over the dog", " yes", " foxes runs 🙂 é", "x  y\n z", ""]
+    C = [c for c in contexts for _ in targets]
+    T = targets * len(contexts)
+    for main in ("sp", "bpe", "wp"):
+        for kw in ({"tail_mass": 0.0}, {}):
+            exact = EnsembleLanguageModel(members, main=main, matrices=matdir, score_mode="exact", **kw).score(C, T)
+            fast = EnsembleLanguageModel(members, main=main, matrices=matdir, batch_size=3, verify_alignment=True,
+                                         **kw).score(C, T)
+            for c, t, e, f in zip(C, T, exact, fast):
+                assert f.num_tokens == e.num_tokens
+                assert f.logprob == pytest.approx(e.logprob, abs=2e-4), (main, c, t)
+
+
+def test_auto_score_mode_is_one_pass_where_the_method_allows_it(members, matdir):
+    pair = {"bpe": members["bpe"], "sp": members["sp"]}
+    assert EnsembleLanguageModel(pair, main="bpe", method="union").score_mode == "fast"
+    assert EnsembleLanguageModel(pair, main="bpe", method="surface").score_mode == "exact"
+    assert EnsembleLanguageModel(pair, main="bpe", method="union", weighting="perplexity").score_mode == "exact"
+    from dln_ens.fusion.base import SettingsError
+    with pytest.raises(SettingsError, match="score_mode 'fast'.*'surface'"):
+        EnsembleLanguageModel(pair, main="bpe", method="surface", score_mode="fast")

@@ -128,3 +128,19 @@ def test_union_against_a_loop():
             else:
                 want[i] = 0.6 * pa[i]
         assert torch.allclose(got[r], torch.log(want / want.sum()), atol=1e-5)
+
+
+def test_small_sparse_matrices_computed_densely_give_the_sparse_result(monkeypatch):
+    """`deepen.computing_form` turns small sparse matrices dense: the same fused distribution as
+    the sparse computation (exact and support-restricted)."""
+    from dln_ens.fusion import deepen
+    names, dense, logits = setup(V=(300, 200, 250), A=40, B=4)
+    sparse = {n: dense_to_sparse(dense[n], 8) for n in names}
+    for tail in (0.0, 1e-3):
+        as_dense = make_fusion("deepen", names, "a", matrices=sparse, tail_mass=tail, max_support=32)
+        assert not as_dense.matrices["a"].is_sparse
+        with monkeypatch.context() as m:
+            m.setattr(deepen, "DENSE_ENTRIES", 0)
+            as_sparse = make_fusion("deepen", names, "a", matrices=sparse, tail_mass=tail, max_support=32)
+        assert as_sparse.matrices["a"].is_sparse
+        assert torch.allclose(as_dense(logits), as_sparse(logits), atol=1e-5, rtol=0)

@@ -1,4 +1,4 @@
-"""`python -m dln_ens.bench {mat|decode|dln|mod|mod-lora|serve|methods} ...`: benchmarks (not tests; they print tables)."""
+"""`python -m dln_ens.bench {mat|decode|dln|score|mod|mod-lora|serve|methods} ...`: benchmarks (not tests; they print tables)."""
 from __future__ import annotations
 
 import importlib
@@ -6,8 +6,8 @@ import importlib.util
 import sys
 
 COMMANDS = {"mat": "dln_ens.bench.mat", "decode": "dln_ens.bench.decode", "dln": "dln_ens.bench.dln",
-            "mod": "dln_ens.bench.mod", "mod-lora": "dln_ens.bench.mod_lora", "serve": "dln_ens.bench.serve",
-            "methods": "dln_ens.bench.methods"}
+            "score": "dln_ens.bench.score", "mod": "dln_ens.bench.mod", "mod-lora": "dln_ens.bench.mod_lora",
+            "serve": "dln_ens.bench.serve", "methods": "dln_ens.bench.methods"}
 
 
 def main(argv: list[str] | None = None) -> int:

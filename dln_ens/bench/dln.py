@@ -9,7 +9,12 @@ backend calls, requests and wall time of each (the fastest of ``--repeats`` alte
 and the speed-up. The two modes do the same
 work: greedy calls and scores are identical, and sampled calls reuse the same seeds.
 
-    python -m dln_ens.bench.dln --conf conf/default.json [--backend zoo-gpt2] [--iters 2] [--out DIR]
+When the backend is an ensemble, each of its members also runs the same iterations alone
+(batched), in the same rounds, and the table adds "ensemble / sum of members": the ensemble's
+seconds per iteration over the sum of its members' (each run follows its own trajectory:
+prompts, generations and their lengths differ from backend to backend).
+
+    python -m dln_ens.bench dln --conf conf/default.json [--backend ens] [--iters 2] [--out DIR]
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import json
 import time
 from pathlib import Path
 
+from dln_ens.backends import BackendPool
 from dln_ens.config import DLNSystem, load_config
 from dln_ens.data.registry import load_task
 from dln_ens.dln.calls import CountingLM, OneAtATimeLM
@@ -56,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2,
                     help="alternate the two modes this many times and keep each one's fastest run "
                          "(wall time on a shared machine is noisy; calls and requests are exact)")
+    ap.add_argument("--no-one-at-a-time", action="store_true",
+                    help="skip the one-request-at-a-time mode (slow over an ensemble)")
     ap.add_argument("--out", default=None, help="also write the table (Markdown) and JSON here (a folder)")
     args = ap.parse_args(argv)
 
@@ -68,31 +76,44 @@ def main(argv: list[str] | None = None) -> int:
     name = args.backend or dcfg.systems[0].backend
     if name not in cfg.backends:
         raise SystemExit(f"{args.conf}: no backend {name!r}; defined: {', '.join(cfg.backends)}")
-    from dln_ens.backends import BackendPool
-    lm = BackendPool(cfg).get(name)
     task = load_task(dcfg.task, **dcfg.task_kwargs)
+
+    spec = cfg.backends[name]
+    members = list(spec.members) if spec.type == "ensemble" else []
+    pool = BackendPool(cfg)
+    lms = {b: pool.get(b) for b in [name] + members}
+    modes = [(name, False)] + ([] if args.no_one_at_a_time else [(name, True)]) + [(m, False) for m in members]
 
     rows, raw = [], {}
     for layers in [int(x) for x in args.layers.split(",")]:
-        measure(lm, layers, dcfg, task, 1, one_at_a_time=False)   # warm-up (first-call costs)
-        runs = {False: [], True: []}
+        for b in lms:
+            measure(lms[b], layers, dcfg, task, 1, one_at_a_time=False)   # warm-up (first-call costs)
+        runs = {key: [] for key in modes}
         for _ in range(max(1, args.repeats)):
-            for single_mode in (False, True):
-                runs[single_mode].append(measure(lm, layers, dcfg, task, args.iters, one_at_a_time=single_mode))
-        batched, single = (min(runs[m], key=lambda r: r["seconds"]) for m in (False, True))
-        raw[f"dln{layers}"] = {"batched": batched, "one_at_a_time": single}
-        for mode, m in (("batched + prefix reuse", batched), ("one request at a time", single)):
-            rows.append({"DLN": layers, "mode": mode, "calls/iter": round(m["calls"], 1),
-                         "requests/iter": round(m["requests"], 1), "s/iter": round(m["seconds"], 2),
-                         "speed-up": round(single["seconds"] / batched["seconds"], 2)
-                         if mode.startswith("batched") else 1.0})
-        if batched["prompts"] != single["prompts"]:
+            for b, single_mode in modes:
+                runs[b, single_mode].append(measure(lms[b], layers, dcfg, task, args.iters, one_at_a_time=single_mode))
+        best = {key: min(r, key=lambda x: x["seconds"]) for key, r in runs.items()}
+        batched = best[name, False]
+        single = best.get((name, True))
+        raw[f"dln{layers}"] = {f"{b}{' one_at_a_time' if m else ''}": r for (b, m), r in best.items()}
+        for (b, single_mode), m in best.items():
+            row = {"DLN": layers, "backend": b,
+                   "mode": "one request at a time" if single_mode else "batched + prefix reuse",
+                   "calls/iter": round(m["calls"], 1), "requests/iter": round(m["requests"], 1),
+                   "s/iter": round(m["seconds"], 2)}
+            if single is not None and b == name:
+                row["speed-up"] = 1.0 if single_mode else round(single["seconds"] / batched["seconds"], 2)
+            if members and b == name and not single_mode:
+                row["ensemble / sum of members"] = round(
+                    batched["seconds"] / sum(best[x, False]["seconds"] for x in members), 2)
+            rows.append(row)
+        if single is not None and batched["prompts"] != single["prompts"]:
             print(f"note: DLN-{layers} chose different prompts in the two modes (the backend's "
                   f"batched and single scores differ numerically)")
     table = markdown_table(rows)
     head = (f"DLN iteration cost on backend {name!r}, task {task.name}, batch {dcfg.batch_size}, "
             f"{dcfg.num_p_samples} prompt / {dcfg.num_h_samples} hidden samples, {args.iters} iterations, "
-            f"fastest of {max(1, args.repeats)} runs per mode\n\n")
+            f"fastest of {max(1, args.repeats)} runs per mode, taken in turn\n\n")
     print(head + table)
     if args.out:
         out = Path(args.out)

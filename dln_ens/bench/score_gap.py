@@ -1,12 +1,14 @@
-"""`python -m dln_ens.bench.score_gap --zoo DIR`: how far the ensemble's fast ``score`` is from
-the exact one on the zoo.
+"""`python -m dln_ens.bench.score_gap --zoo DIR`: how far the ensemble's default one-pass
+``score`` is from the exact one on the zoo.
 
-``exact``: each member conditioned on exactly the text before each target token (tokenised as
-in generation). ``fast``: one forward per member over context + target, read where the member
-has a token boundary at the prefix's end (prefixes without one are run exactly). The prompts
-are the project's forward format, ``"{instruction}\\n\\nInput: {input}\\nAnswer:"`` with the
-target ``" {target}"``, on the synthetic tasks. Prints per-task mean |exact - fast| of the
-summed log-probabilities, the largest gap, and whether the two rank the task's classes (or
+``exact``: a forced decode, each member conditioned on exactly the text before each target
+token (tokenised as in generation). ``fast`` (the default, `ensemble.onepass`): one batched
+pass per member, reading a prefix's distribution off the pair's sequence where the member's
+tokenisation of the prefix is a prefix of it, the other prefixes run on their own; the two
+should differ only by float rounding. The prompts are the project's forward format,
+``"{instruction}\n\nInput: {input}\nAnswer:"`` with the target ``" {target}"``, on the
+synthetic tasks. Prints per-task mean |exact - fast| of the summed log-probabilities, the
+largest gap, the mean gap per target token, and whether the two rank the task's classes (or
 the gold target among distractors) the same way.
 """
 from __future__ import annotations
@@ -64,6 +66,7 @@ def main(argv=None):
         f = fast.score(contexts, targets)
         tf = time.perf_counter() - t0
         gaps = [abs(a.logprob - b.logprob) for a, b in zip(e, f)]
+        per_token = sum(gaps) / max(1, sum(s.num_tokens for s in e))
         same_rank, i = 0, 0
         for k in counts:
             ea = max(range(k), key=lambda j: e[i + j].logprob)
@@ -71,7 +74,7 @@ def main(argv=None):
             same_rank += ea == fa
             i += k
         print(f"{name}: {len(gaps)} (context, target) pairs, mean |exact - fast| {sum(gaps) / len(gaps):.2e} nats, "
-              f"max {max(gaps):.2e}, same argmax candidate {same_rank}/{len(exs)}; "
+              f"max {max(gaps):.2e}, mean per token {per_token:.2e}, same argmax candidate {same_rank}/{len(exs)}; "
               f"time exact {te:.1f}s fast {tf:.1f}s")
 
 

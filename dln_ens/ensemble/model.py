@@ -40,14 +40,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dln_ens.ensemble.align import TokenTrack, final_text, visible_text
+from dln_ens.ensemble.align import TokenTrack, encode_with_offsets, final_text, update_many, visible_text
 from dln_ens.ensemble.continuation import Continuations
+from dln_ens.ensemble.onepass import member_reads, prefix_texts
 from dln_ens.ensemble.options import EnsembleOptions
 from dln_ens.fusion.base import StepContext, Vocab
 from dln_ens.fusion.registry import fusion_class, fusion_settings, make_fusion
 from dln_ens.lm.base import Generation, Score, missing_member_parts
 from dln_ens.lm.batching import chunks, pad, positions
 from dln_ens.lm.context import ContextLengthError, cut_text_left
+from dln_ens.lm.forced import logits_at, summed_logprobs
 from dln_ens.lm.hf import candidate_logprobs, check_candidates, pick_tokens, sampling_seeds
 from dln_ens.lm.stopping import cut_at_stop, first_stop
 from dln_ens.relrep.vocab import token_surfaces
@@ -63,6 +65,9 @@ def _cache_rows(cache, idx: torch.Tensor):
         cache.layers = [copy.copy(layer) for layer in cache.layers]
     cache.batch_select_indices(idx)
     return cache
+
+
+FUSION_ROWS = 64   # positions per fusion call in the one-pass score ([rows, V] temporaries stay small)
 
 
 class _Lane:
@@ -185,7 +190,8 @@ class EnsembleLanguageModel:
         self.options = options
         self.members, self.main, self.names = dict(members), main, list(members)
         self.name = name or "ensemble(" + "+".join(self.names) + ")"
-        self.score_mode, self.window, self.verify_alignment = options.score_mode, options.window, options.verify_alignment
+        self.score_mode = options.resolved_score_mode()
+        self.window, self.verify_alignment = options.window, options.verify_alignment
         self.main_member = members[main]
         self.batch_size = options.batch_size or getattr(self.main_member, "batch_size", 8)
         self.vocab_size = self.main_member.vocab_size
@@ -272,8 +278,11 @@ class EnsembleLanguageModel:
 
     def _start(self, texts: list[str], main_ids: list[list[int]]):
         others = self.others
-        tracks = {n: [TokenTrack(self.members[n].tokenizer, t, window=self.window, verify=self.verify_alignment,
-                                 name=n) for t in texts] for n in others}
+        tracks = {}
+        for n in others:   # one batched tokenizer call per member
+            tok = self.members[n].tokenizer
+            tracks[n] = [TokenTrack(tok, t, window=self.window, verify=self.verify_alignment, name=n, encoding=e)
+                         for t, e in zip(texts, encode_with_offsets(tok, texts, True))]
         for n in others:
             for t, tr in zip(texts, tracks[n]):
                 if not tr.ids:
@@ -343,19 +352,16 @@ class EnsembleLanguageModel:
             lanes[self.main].advance([len(s) for s in lanes[self.main].slots], [[x] for x in tok])
             shown = [visible_text(prompt_bytes[r] + gen[r]) for r in rows] if tracks else []
             for n in tracks:
-                keep, new = [], []
+                olds = [len(tr.ids) for tr in tracks[n]]
+                keep = update_many(tracks[n], shown)
                 limit = getattr(self.members[n], "context_limit", None)
-                for j, (tr, text) in enumerate(zip(tracks[n], shown)):
-                    old = len(tr.ids)
-                    k = tr.update(text)
+                for b, tr in enumerate(tracks[n]):
                     if limit is not None and len(tr.ids) > limit:   # its tokens grew faster than the main's
-                        raise ContextLengthError(n, rows[j], len(tr.ids), limit, "the prompt + the text generated so far",
-                                                 text=texts[rows[j]])
-                    if k < old and k == len(tr.ids):   # rolled back to a shorter sequence: re-feed its last token
-                        k -= 1
-                    keep.append(k)
-                    new.append(tr.ids[k:])
-                lanes[n].advance(keep, new)
+                        raise ContextLengthError(n, rows[b], len(tr.ids), limit,
+                                                 "the prompt + the text generated so far", text=texts[rows[b]])
+                    if keep[b] < olds[b] and keep[b] == len(tr.ids):   # rolled back to a shorter sequence:
+                        keep[b] -= 1                                   # re-feed its last token
+                lanes[n].advance(keep, [tr.ids[k:] for tr, k in zip(tracks[n], keep)])
         return out_ids, out_lp, gen
 
     # ---- the protocol -----------------------------------------------------------------------
@@ -383,67 +389,49 @@ class EnsembleLanguageModel:
 
     def score(self, contexts: list[str], targets: list[str]) -> list[Score]:
         """Teacher-forced fused log p(target | context) over the main member's tokenisation of
-        the target (`HFLanguageModel.split_pairs`). ``score_mode="exact"``: every member is
-        conditioned on exactly the text before each target token, tokenised as in generation.
-        ``"fast"``: one forward per member over context + target, read where that member has a
-        token boundary at the prefix's end; prefixes without such a boundary are run exactly."""
+        the target (`HFLanguageModel.split_pairs`); every member is conditioned on exactly the
+        text before each target token, tokenised as in generation.
+
+        ``score_mode="fast"`` (what "auto" picks where the method allows it): per batch of pairs,
+        the main member teacher-forces them as `HFLanguageModel.score` does; every other member
+        runs one sequence per pair and reads
+        its distributions where that sequence has the prefix's tokenisation as a prefix, the
+        remaining prefixes as sequences of their own, all in one batched call (`onepass`); the
+        fusion runs once over all positions. ``"exact"``: a forced decode, one fused step per
+        target token (the reference; the two differ only by float rounding)."""
         contexts = [self.fit_text(i, c, t, -1, "a context + target") for i, (c, t) in enumerate(zip(contexts, targets))]
         split = self.main_member.split_pairs_with_text(contexts, targets)
-        pairs = [(ctx, tgt) for _, ctx, tgt in split]
-        out = [Score(0.0, 0)] * len(pairs)
-        todo = [i for i, (_, t) in enumerate(pairs) if t]
-        texts = {i: split[i][0] for i in todo}
-        if self.score_mode == "fast":
-            for i in todo:
-                lp = self._score_fast(texts[i], pairs[i][0], pairs[i][1])
-                out[i] = Score(float(lp.sum()), len(pairs[i][1]))
-            return out
+        out = [Score(0.0, 0)] * len(split)
+        todo = sorted((i for i, (_, _, t) in enumerate(split) if t), key=lambda i: split[i][1:])
         for idx in chunks(todo, self.batch_size):
-            forced = [pairs[i][1] for i in idx]
-            _, lps, _ = self._run([texts[i] for i in idx], [pairs[i][0] for i in idx], max(map(len, forced)),
-                                  forced=forced)
+            rows = [split[i] for i in idx]
+            if self.score_mode == "fast":
+                lps = self._score_onepass(rows)
+            else:
+                forced = [t for _, _, t in rows]
+                _, steps, _ = self._run([x for x, _, _ in rows], [c for _, c, _ in rows], max(map(len, forced)),
+                                        forced=forced)
+                lps = [sum(s) for s in steps]
             for j, i in enumerate(idx):
-                out[i] = Score(float(sum(lps[j])), len(forced[j]))
+                out[i] = Score(float(lps[j]), len(split[i][2]))
         return out
 
     @torch.inference_mode()
-    def _score_fast(self, context: str, ctx_ids: list[int], tgt: list[int]) -> torch.Tensor:
-        """Per-target-token fused log-probs [T] of one pair, one forward per member."""
-        T = len(tgt)
-        ctx_bytes = context.encode("utf-8")
-        piece = [self.surfaces[t] or b"" for t in tgt]
-        prefixes = [visible_text(ctx_bytes + b"".join(piece[:t])) for t in range(T)]
-        full = visible_text(ctx_bytes + b"".join(piece))
+    def _score_onepass(self, rows: list[tuple[str, list[int], list[int]]]) -> list[float]:
+        """Summed fused log-probs of (context text, context ids, target ids) rows, one fusion call."""
         main = self.main_member
-        seq = ctx_ids + tgt[:-1]
-        ids = torch.tensor([seq])
-        logits, _ = main.forward(ids, torch.ones_like(ids), None, positions(torch.ones_like(ids), len(seq)))
-        per_member = {self.main: logits[0, len(ctx_ids) - 1:]}
-        for n in self.others:
-            member = self.members[n]
-            enc = member.tokenizer(full, return_offsets_mapping=True)
-            fids, offs = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-            at: dict[int, int] = {}   # prefix length in chars -> index of the token ending there
-            for j, (_, e) in enumerate(offs):
-                if e > 0 and (j + 1 == len(offs) or offs[j + 1][0] >= e):
-                    at[e] = j
-            ids = torch.tensor([fids])
-            logits, _ = member.forward(ids, torch.ones_like(ids), None, positions(torch.ones_like(ids), len(fids)))
-            rows = [None] * T
-            missing = []
-            for t, p in enumerate(prefixes):
-                j = at.get(len(p))
-                if j is not None:
-                    rows[t] = logits[0, j]
-                else:
-                    missing.append(t)
-            if missing:
-                lane = _Lane(member, [member.encode(prefixes[t]) for t in missing])
-                for t, row in zip(missing, lane.logits):
-                    rows[t] = row
-            per_member[n] = torch.stack(rows)
-        logp = self.fusion(per_member)
-        return logp.gather(1, torch.tensor(tgt, device=logp.device)[:, None])[:, 0].cpu()
+        logits = {self.main: logits_at(main, [c + t[:-1] for _, c, t in rows], [tuple(c) for _, c, _ in rows],
+                                       [range(len(c) - 1, len(c) + len(t) - 1) for _, c, t in rows])}
+        if self.others:
+            prefixes = [prefix_texts(x, [self.surfaces[k] or b"" for k in t]) for x, _, t in rows]
+            for n in self.others:
+                reads = member_reads(self.members[n].tokenizer, prefixes, [x for x, _, _ in rows], window=self.window,
+                                     verify=self.verify_alignment, name=n)
+                logits[n] = logits_at(self.members[n], reads.seqs, reads.groups, reads.wanted, order=reads.order)
+        P = len(logits[self.main])   # the fusion is row-independent: blocks keep its temporaries small
+        fused = torch.cat([self.fusion({n: x[a:a + FUSION_ROWS] for n, x in logits.items()})
+                           for a in range(0, P, FUSION_ROWS)])
+        return summed_logprobs(fused, [t for _, _, t in rows])
 
     @torch.inference_mode()
     def next_token_distribution(self, contexts: list[str]) -> torch.Tensor:

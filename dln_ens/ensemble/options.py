@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-SCORE_MODES = ("exact", "fast")
+SCORE_MODES = ("auto", "fast", "exact")   # `EnsembleLanguageModel.score`
 
 
 @dataclass(kw_only=True)
@@ -18,7 +18,10 @@ class EnsembleOptions:
     # 'fixed' when weights are given, else 'uniform'; the given weights are the prior of the dynamic ones
     weighting: Union[str, None] = None
     weighting_temperature: float = 0.1
-    score_mode: Literal["exact", "fast"] = "exact"
+    # score: "fast" = one pass per member over each pair (equals "exact" up to float rounding,
+    # `ensemble.onepass`); "exact" = a forced decode; "auto" = fast where the method and the
+    # weighting allow it (`surface` and `perplexity` need per-prefix state: exact)
+    score_mode: Literal["auto", "fast", "exact"] = "auto"
     compute_device: str = "cpu"             # where the fusion runs
     batch_size: Union[int, None] = None     # None = the main member's
     window: int = 4                         # re-tokenisation tail in tokens (`ensemble.align`)
@@ -27,9 +30,8 @@ class EnsembleOptions:
     def check(self, members: list[str]) -> None:
         """Refuse what would fail later or silently change the result (`ValueError`s naming the
         setting); the fusion method checks its own settings."""
-        from dln_ens.fusion.base import normalise_weights
-        from dln_ens.fusion.registry import fusion_class, fusion_settings, make_weighting
-        from dln_ens.fusion.base import SettingsError
+        from dln_ens.fusion.base import SettingsError, normalise_weights
+        from dln_ens.fusion.registry import fusion_settings, make_weighting
         if self.score_mode not in SCORE_MODES:
             raise SettingsError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}", "score_mode")
         if self.batch_size is not None and self.batch_size < 1:
@@ -40,7 +42,18 @@ class EnsembleOptions:
         normalise_weights(list(members), self.weights)
         fusion_settings(self.method, self.fusion, len(members))
         weighting = make_weighting(self.weighting, self.weighting_temperature, self.weights)
-        if self.score_mode == "fast" and (fusion_class(self.method).reads_continuations or weighting.needs_prompt_nll):
+        if self.score_mode == "fast" and not self.one_pass_possible():
             raise SettingsError(f"score_mode 'fast' runs each member once over the whole text, which leaves no "
                                 f"per-prefix state for method {self.method!r} / weighting {weighting.scheme!r}; "
-                                f"use score_mode 'exact'", "score_mode")
+                                f"use score_mode 'exact' (or 'auto')", "score_mode")
+
+    def one_pass_possible(self) -> bool:
+        """Whether the method and weighting can score from one pass per member (`ensemble.onepass`)."""
+        from dln_ens.fusion.registry import fusion_class, make_weighting
+        weighting = make_weighting(self.weighting, self.weighting_temperature, self.weights)
+        return not (fusion_class(self.method).reads_continuations or weighting.needs_prompt_nll)
+
+    def resolved_score_mode(self) -> str:
+        if self.score_mode == "auto":
+            return "fast" if self.one_pass_possible() else "exact"
+        return self.score_mode

@@ -13,7 +13,20 @@ import torch
 
 from dln_ens.fusion.base import Fusion, SettingsError, check_finite
 from dln_ens.fusion.inverse import deepen_inverse
-from dln_ens.fusion.relative import aggregate, to_relative, top_mass_support
+from dln_ens.fusion.relative import aggregate, support_rows, to_relative, top_mass_support
+from dln_ens.relrep.matrix import RelRepMatrix
+
+
+DENSE_ENTRIES = 1 << 22   # a sparse matrix with at most this many V x A entries is used in dense form
+
+
+def computing_form(mat: RelRepMatrix) -> RelRepMatrix:
+    """A small sparse matrix (e.g. the zoo's, 1000 x 212) as its dense form: the same values,
+    and a product over a support becomes a small matmul instead of k scattered adds per token
+    (the results agree to float rounding)."""
+    if mat.is_sparse and mat.num_rows * mat.num_anchors <= DENSE_ENTRIES:
+        return RelRepMatrix(mat.num_anchors, dense=mat.to_dense())
+    return mat
 
 
 class DeepenFusion(Fusion):
@@ -56,7 +69,7 @@ class DeepenFusion(Fusion):
             if missing:
                 raise SettingsError(f"method 'deepen' needs a relative-representation matrix for every member; "
                                     f"missing {missing}: build them with `sh sh/mat.sh`")
-            self.matrices = {n: mats[n].to(self.device) for n in self.names}
+            self.matrices = {n: computing_form(mats[n].to(self.device)) for n in self.names}
 
     def active(self) -> list[str]:
         return super().active() if self.search else [self.main]
@@ -69,13 +82,15 @@ class DeepenFusion(Fusion):
         z = logits[self.main].to(self.device, torch.float32)
         if not self.search:
             return torch.log_softmax(z, -1)
-        rels, main_support = [], None
+        rels, main_support, main_rows = [], None, None
         for n in self.names:
             p = torch.softmax(logits[n].to(self.device, torch.float32), -1)
             support = self._support(p)
-            rels.append(to_relative(p, self.matrices[n], support))
+            rows = None if support is None else support_rows(support, self.matrices[n])
+            rels.append(to_relative(p, self.matrices[n], support, rows))
             if n == self.main:
-                main_support = support
+                main_support, main_rows = support, rows   # the inverse search reuses them
         w = self.row_weights(logits, step)
         q = aggregate(rels, [w[:, i:i + 1] for i in range(len(self.names))])
-        return deepen_inverse(z, q, self.matrices[self.main], self.settings.lr, self.settings.steps, main_support)
+        return deepen_inverse(z, q, self.matrices[self.main], self.settings.lr, self.settings.steps, main_support,
+                              main_rows)

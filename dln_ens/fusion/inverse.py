@@ -29,7 +29,8 @@ import math
 
 import torch
 
-from dln_ens.fusion.relative import Support, relative_from_support, relative_grad, support_rows, to_relative
+from dln_ens.fusion.relative import (Support, SupportRows, relative_from_support, relative_grad, support_rows,
+                                    to_relative)
 from dln_ens.relrep.matrix import RelRepMatrix
 
 BETAS = (0.9, 0.999)
@@ -45,7 +46,8 @@ def cosine_lr(lr: float, t: int) -> float:
 
 
 def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: float = 0.15, steps: int = 5,
-                   support: Support | None = None) -> torch.Tensor:
+                   support: Support | None = None,
+                   support_matrix_rows: SupportRows | None = None) -> torch.Tensor:
     """Fused log-probabilities [B, V] over the main vocabulary from main logits z [B, V] and the
     target anchor distribution q [B, A]. ``lr == 0`` or ``steps == 0``: the main member alone.
 
@@ -66,9 +68,15 @@ def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: floa
     else:
         param = z0.gather(1, support.idx)
         rows, cols = support.valid.nonzero(as_tuple=True)
-        tail_logits = z0.clone()
-        tail_logits[rows, support.idx[rows, cols]] = float("-inf")
-        mat_rows = support_rows(support, mat)   # the same rows at every step
+        # the tail's logits relative to their max, and one buffer for exp(scale * them) (no
+        # [B, V] allocation per step): logsumexp(scale * tail) = scale * top + log(sum(...))
+        tail = z0.clone()
+        tail[rows, support.idx[rows, cols]] = float("-inf")
+        top = tail.max(-1, keepdim=True).values
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))   # an empty tail
+        tail.sub_(top)
+        buf = torch.empty_like(tail)
+        mat_rows = support_matrix_rows or support_rows(support, mat)   # the same rows at every step
     m = torch.zeros_like(param)
     v = torch.zeros_like(param)
     scale = 1.0   # the tail's accumulated weight decay
@@ -80,13 +88,14 @@ def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: floa
             grad = p * (g_p - (p * g_p).sum(-1, keepdim=True))
         else:
             zs = param.masked_fill(~support.valid, float("-inf"))
-            lse_tail = torch.logsumexp(tail_logits * scale, -1, keepdim=True)
+            torch.mul(tail, scale, out=buf)
+            lse_tail = buf.exp_().sum(-1, keepdim=True).log_() + scale * top
             lse = torch.logaddexp(torch.logsumexp(zs, -1, keepdim=True), lse_tail)
-            p, tail = torch.exp(zs - lse), torch.exp(lse_tail - lse)
-            g_r = -q / (A * relative_from_support(p, support, mat, tail=tail[:, 0], rows=mat_rows))
+            p, p_tail = torch.exp(zs - lse), torch.exp(lse_tail - lse)
+            g_r = -q / (A * relative_from_support(p, support, mat, tail=p_tail[:, 0], rows=mat_rows))
             g_p = relative_grad(g_r, mat, support, rows=mat_rows)
             g_tail = g_r.sum(-1, keepdim=True) / A
-            grad = p * (g_p - (p * g_p).sum(-1, keepdim=True) - tail * g_tail)
+            grad = p * (g_p - (p * g_p).sum(-1, keepdim=True) - p_tail * g_tail)
         # torch.optim.AdamW's update, step t + 1
         lr_t = cosine_lr(lr, t)
         param.mul_(1 - lr_t * WEIGHT_DECAY)
@@ -97,6 +106,6 @@ def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: floa
         scale *= 1.0 - lr_t * WEIGHT_DECAY
     if support is None:
         return torch.log_softmax(param, -1)
-    out = z0 * scale
+    out = torch.mul(z0, scale, out=buf)
     out[rows, support.idx[rows, cols]] = param[rows, cols]
     return torch.log_softmax(out, -1)

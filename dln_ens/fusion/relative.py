@@ -32,9 +32,11 @@ class Support:
 
 def top_mass_support(probs: torch.Tensor, tail_mass: float, max_support: int, first: int = 64) -> Support:
     """The smallest top set of each row with mass >= 1 - tail_mass (at most ``max_support`` ids;
-    a row needing more keeps its ``max_support`` most probable ids)."""
+    a row needing more keeps its ``max_support`` most probable ids). A few rows (a decoding
+    step) first try their ``first`` top ids; many rows (a scored batch, where most need more)
+    take ``max_support`` at once: one top-k pass instead of two, the same sets."""
     V = probs.shape[-1]
-    k = min(first, V, max_support)
+    k = min(first if probs.shape[0] <= 8 else max_support, V, max_support)
     vals, idx = probs.topk(k, dim=-1)
     need = (vals.cumsum(-1) < 1.0 - tail_mass).sum(-1) + 1   # ids needed per row
     if int(need.max()) > k and k < min(V, max_support):
@@ -54,11 +56,17 @@ class SupportRows:
     vals: torch.Tensor | None = None       # sparse: [B, S, k]
     residual: torch.Tensor | None = None   # sparse: [B, S]
     dense: torch.Tensor | None = None      # dense: [B, S, A]
+    whole: bool = False                    # dense, few rows: products with the whole matrix instead
+
+
+WHOLE_MATRIX = 8   # a dense matrix with at most this many rows per support token is used whole
 
 
 def support_rows(support: Support, mat: RelRepMatrix) -> SupportRows:
     idx = support.idx
     if not mat.is_sparse:
+        if mat.num_rows <= WHOLE_MATRIX * idx.shape[1]:   # one matmul beats gathering [B, S, A]
+            return SupportRows(whole=True)
         return SupportRows(dense=mat.dense[idx])
     return SupportRows(cols=mat.topk_idx[idx].reshape(idx.shape[0], -1), vals=mat.topk_val[idx],
                        residual=mat.residual[idx])
@@ -71,6 +79,10 @@ def relative_from_support(p_s: torch.Tensor, support: Support, mat: RelRepMatrix
     B = p_s.shape[0]
     A = mat.num_anchors
     p_s = p_s * support.valid
+    if rows.whole:
+        p = torch.zeros((B, mat.num_rows), dtype=p_s.dtype, device=p_s.device).scatter_(1, support.idx, p_s)
+        r = p @ mat.dense
+        return r if tail is None else r + (tail / A).unsqueeze(-1)
     if rows.dense is not None:
         r = torch.einsum("bs,bsa->ba", p_s, rows.dense)
         return r if tail is None else r + (tail / A).unsqueeze(-1)
@@ -81,9 +93,11 @@ def relative_from_support(p_s: torch.Tensor, support: Support, mat: RelRepMatrix
     return out.scatter_add(1, rows.cols, (p_s.unsqueeze(-1) * rows.vals).reshape(B, -1))
 
 
-def to_relative(probs: torch.Tensor, mat: RelRepMatrix, support: Support | None = None) -> torch.Tensor:
+def to_relative(probs: torch.Tensor, mat: RelRepMatrix, support: Support | None = None,
+                rows: SupportRows | None = None) -> torch.Tensor:
     """[B, V] probabilities -> [B, A] relative representation. With a support, the mass outside
-    it is spread uniformly (see the module note); without, the exact product."""
+    it is spread uniformly (see the module note); without, the exact product. ``rows``: the
+    support's matrix rows, if already gathered."""
     if probs.shape[-1] != mat.num_rows:
         raise ValueError(f"distribution width {probs.shape[-1]} != matrix rows {mat.num_rows}: the "
                          f"matrix was built for another model; rebuild it (`sh sh/mat.sh`)")
@@ -92,7 +106,7 @@ def to_relative(probs: torch.Tensor, mat: RelRepMatrix, support: Support | None 
             return probs @ mat.dense
         return _sparse_full(probs, mat)
     p_s = probs.gather(1, support.idx) * support.valid
-    return relative_from_support(p_s, support, mat, tail=(1.0 - p_s.sum(-1)).clamp_min(0.0))
+    return relative_from_support(p_s, support, mat, tail=(1.0 - p_s.sum(-1)).clamp_min(0.0), rows=rows)
 
 
 def _sparse_full(probs: torch.Tensor, mat: RelRepMatrix, block: int = BLOCK) -> torch.Tensor:
@@ -122,6 +136,8 @@ def relative_grad(g_r: torch.Tensor, mat: RelRepMatrix, support: Support | None 
             out[:, lo:hi] = (g_r[:, mat.topk_idx[lo:hi]] * mat.topk_val[lo:hi]).sum(-1)
         return out + mat.residual * uniform
     rows = rows or support_rows(support, mat)
+    if rows.whole:
+        return (g_r @ mat.dense.T).gather(1, support.idx)
     if rows.dense is not None:
         return torch.einsum("bsa,ba->bs", rows.dense, g_r)
     picked = g_r.gather(1, rows.cols).view(rows.vals.shape)

@@ -34,8 +34,10 @@ def positions(mask: torch.Tensor, new: int) -> torch.Tensor:
 
 def common_prefix(a: Sequence, b: Sequence) -> int:
     """Length of the longest common prefix of two sequences (token lists or strings)."""
-    if len(a) <= len(b) and b[:len(a)] == a:   # the usual case: b extends a
+    if len(a) <= len(b) and b[:len(a)] == a:   # the usual cases: b extends a, or a extends b
         return len(a)
+    if len(b) < len(a) and a[:len(b)] == b:
+        return len(b)
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:

@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from dln_ens.checks import SettingError, check_number
 from dln_ens.lm.base import Generation, Score
-from dln_ens.lm.batching import chunks, common_prefix_len, pad, positions
+from dln_ens.lm.batching import chunks, positions
 from dln_ens.lm.checkpoint import check_model_dir, unreadable_checkpoint
 from dln_ens.lm.context import ContextLengthError, check_policy, keep_end
+from dln_ens.lm.forced import logits_at, prefill, summed_logprobs
 from dln_ens.lm.loading import resolve_dtype
 from dln_ens.lm.stopping import continuation_texts, cut_at_stop, first_stop, sequence_seeds
 
@@ -189,20 +190,9 @@ class HFLanguageModel:
         return logits[:, -1], cache
 
     def prefill(self, seqs: Sequence[Sequence[int]]):
-        """Run non-empty token-id lists as one batch; their common prefix is computed once.
-        Returns next-token logits [B, V] float32, the KV cache and the attention mask [B, S]."""
-        b = len(seqs)
-        shared = min(common_prefix_len(seqs), min(map(len, seqs)) - 1) if b > 1 else 0
-        cache = None
-        if shared > 0:
-            prefix = torch.tensor([list(seqs[0][:shared])], device=self.device)
-            ones = torch.ones_like(prefix)
-            _, cache = self.last_logits(prefix, ones, None, positions(ones, shared))
-            cache.batch_repeat_interleave(b)
-        ids, rest_mask = pad([s[shared:] for s in seqs], self.pad_token_id, "left", self.device)
-        mask = torch.cat([rest_mask.new_ones((b, shared)), rest_mask], 1)
-        logits, cache = self.last_logits(ids, mask, cache, positions(mask, ids.shape[1]))
-        return logits, cache, mask
+        """Run non-empty token-id lists as one batch (`forced.prefill`): next-token logits
+        [B, V] float32, the KV cache and the attention mask [B, S]."""
+        return prefill(self, seqs)
 
     def step(self, tokens: torch.Tensor, cache, mask: torch.Tensor):
         """Append one token per row [B]; returns next-token logits [B, V], cache, mask."""
@@ -307,23 +297,10 @@ class HFLanguageModel:
         return out
 
     def _score_batch(self, pairs):
-        ctx_row: dict[tuple, int] = {}
-        for ctx, _ in pairs:
-            ctx_row.setdefault(tuple(ctx), len(ctx_row))
-        logits, cache, mask = self.prefill([list(c) for c in ctx_row])
-        rows = torch.tensor([ctx_row[tuple(c)] for c, _ in pairs])
-        targets = [t for _, t in pairs]
-        first = torch.tensor([t[0] for t in targets], device=logits.device)
-        total = torch.log_softmax(logits, -1)[rows.to(logits.device), first]
-        if any(len(t) > 1 for t in targets):
-            cache.batch_select_indices(rows)  # each target row starts from its context's cache
-            ids, tmask = pad([t[:-1] for t in targets], self.pad_token_id, "right", self.device)
-            full = torch.cat([mask[rows.to(mask.device)], tmask], 1)
-            logits, _ = self.forward(ids, full, cache, positions(full, ids.shape[1]))
-            labels, lmask = pad([t[1:] for t in targets], 0, "right", logits.device)
-            lp = torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]
-            total = total + (lp * lmask).sum(-1)
-        return total.tolist()
+        seqs = [list(c) + list(t[:-1]) for c, t in pairs]
+        wanted = [range(len(c) - 1, len(c) + len(t) - 1) for c, t in pairs]
+        logits = logits_at(self, seqs, [tuple(c) for c, _ in pairs], wanted)
+        return summed_logprobs(logits, [t for _, t in pairs])
 
     @torch.inference_mode()
     def next_token_distribution(self, contexts: list[str]) -> torch.Tensor:

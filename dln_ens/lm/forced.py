@@ -1,0 +1,128 @@
+"""Batched forwards over known token sequences: the prefill of a decoder, and teacher forcing.
+
+Only the `LocalMember` parts of a model are used (``last_logits``, ``forward``,
+``pad_token_id``, ``device``), so `HFLanguageModel`, Mixture-of-Depths members and the
+ensemble's one-pass score share this code. Layouts are those of `lm.batching`: masks may have
+holes, position ids count real tokens, and no row's result depends on the rows beside it.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Hashable, Sequence
+
+import torch
+
+from dln_ens.lm.batching import common_prefix_len, pad, positions
+
+
+def prefill(member, seqs: Sequence[Sequence[int]]):
+    """Run non-empty token-id lists as one batch; their common prefix is computed once (its KV
+    cache repeated over the batch), then each row's remaining tokens left-padded after it.
+    Returns next-token logits [B, V] float32, the KV cache and the attention mask [B, S]."""
+    b = len(seqs)
+    shared = min(common_prefix_len(seqs), min(map(len, seqs)) - 1) if b > 1 else 0
+    cache = None
+    if shared > 0:
+        prefix = torch.tensor([list(seqs[0][:shared])], device=member.device)
+        ones = torch.ones_like(prefix)
+        _, cache = member.last_logits(prefix, ones, None, positions(ones, shared))
+        cache.batch_repeat_interleave(b)
+    ids, rest_mask = pad([s[shared:] for s in seqs], member.pad_token_id, "left", member.device)
+    mask = torch.cat([rest_mask.new_ones((b, shared)), rest_mask], 1)
+    logits, cache = member.last_logits(ids, mask, cache, positions(mask, ids.shape[1]))
+    return logits, cache, mask
+
+
+@torch.inference_mode()
+def logits_at(member, seqs: Sequence[Sequence[int]], groups: Sequence[Hashable],
+              wanted: Sequence[Sequence[int]], order: Sequence[int] | None = None) -> torch.Tensor:
+    """Teacher forcing: the next-token logits after position j of ``seqs[i]`` (i.e. the logits
+    of ``seqs[i][:j + 1]``) for every j in ``wanted[i]``, stacked in that order: [sum of
+    len(wanted[i]), V] float32; with ``order``, the k-th of them goes to row ``order[k]``.
+
+    Sequences with the same ``groups`` key (e.g. one context with several targets) share a
+    *stem*, their common prefix up to their first wanted position, which runs once (`prefill`);
+    each sequence's rest then runs after a copy of its stem's cache: right-padded with every
+    position's logits, or, when only its last token's logits are wanted, left-padded with those
+    alone (``last_logits``: no LM head over the other positions)."""
+    groups = list(groups)
+    for key in dict.fromkeys(groups):   # a group without a common first token: each row alone
+        rows = [i for i, g in enumerate(groups) if g == key]
+        if common_prefix_len([seqs[i] for i in rows]) == 0:
+            for i in rows:
+                groups[i] = (key, i)
+    keys = list(dict.fromkeys(groups))
+    stem_of = {k: s for s, k in enumerate(keys)}
+    stem_len = {}
+    for key in keys:
+        rows = [i for i, g in enumerate(groups) if g == key]
+        cut = min(min(wanted[i]) + 1 for i in rows)
+        stem_len[key] = min(common_prefix_len([seqs[i] for i in rows]), cut)
+    starts = [0]
+    for w in wanted:
+        starts.append(starts[-1] + len(w))
+    place = list(range(starts[-1])) if order is None else list(order)
+
+    stem_logits, cache, mask = prefill(member, [list(seqs[groups.index(k)][:stem_len[k]]) for k in keys])
+    out = torch.empty((starts[-1], stem_logits.shape[-1]), dtype=stem_logits.dtype, device=stem_logits.device)
+    full, last = [], []   # rows whose rest runs, by layout
+    dst, src = [], []     # positions read off their stem's last logits
+    for i, g in enumerate(groups):
+        for k, j in enumerate(wanted[i]):
+            if j == stem_len[g] - 1:
+                dst.append(place[starts[i] + k])
+                src.append(stem_of[g])
+        if max(wanted[i]) >= stem_len[g]:
+            (last if set(wanted[i]) == {len(seqs[i]) - 1} else full).append(i)
+    _copy_rows(out, dst, stem_logits, src)
+    if last:
+        c = copy.deepcopy(cache) if full else cache
+        logits = _run_rests(member, c, mask, [stem_of[groups[i]] for i in last],
+                            [seqs[i][stem_len[groups[i]]:] for i in last], last_only=True)
+        _copy_rows(out, [place[starts[i] + len(wanted[i]) - 1] for i in last], logits, list(range(len(last))))
+    if full:
+        logits = _run_rests(member, cache, mask, [stem_of[groups[i]] for i in full],
+                            [seqs[i][stem_len[groups[i]]:max(wanted[i]) + 1] for i in full], last_only=False)
+        width = logits.shape[1]
+        dst, src = [], []
+        for r, i in enumerate(full):
+            for k, j in enumerate(wanted[i]):
+                if j >= stem_len[groups[i]]:
+                    dst.append(place[starts[i] + k])
+                    src.append(r * width + j - stem_len[groups[i]])
+        _copy_rows(out, dst, logits.reshape(-1, logits.shape[-1]), src)
+    return out
+
+
+def _run_rests(member, cache, mask: torch.Tensor, stems: list[int], rests: list[list[int]], last_only: bool):
+    """Each rest after its stem's cache row (``cache`` is consumed): the last position's logits
+    [R, V] of left-padded rests, or every position's [R, W, V] of right-padded ones."""
+    sel = torch.tensor(stems, device=mask.device)
+    cache.batch_select_indices(sel)
+    ids, block = pad(rests, member.pad_token_id, "left" if last_only else "right", member.device)
+    m = torch.cat([mask[sel], block.to(mask.device)], 1)
+    if last_only:
+        return member.last_logits(ids, m, cache, positions(m, ids.shape[1]))[0]
+    return member.forward(ids, m, cache, positions(m, ids.shape[1]))[0]
+
+
+def _copy_rows(out: torch.Tensor, dst: list[int], src: torch.Tensor, rows: list[int]) -> None:
+    """``out[dst[k]] = src[rows[k]]``, one slice copy per run of consecutive rows (teacher-forced
+    positions come in runs: no gathered temporary of the whole block)."""
+    k = 0
+    while k < len(dst):
+        n = 1
+        while k + n < len(dst) and dst[k + n] == dst[k] + n and rows[k + n] == rows[k] + n:
+            n += 1
+        out[dst[k]:dst[k] + n].copy_(src[rows[k]:rows[k] + n])
+        k += n
+
+
+def summed_logprobs(logits: torch.Tensor, targets: Sequence[Sequence[int]]) -> list[float]:
+    """Per target, the sum of log_softmax(logits) at its tokens; ``logits`` [sum of lengths, V]
+    holds the targets' positions one after the other."""
+    flat = torch.tensor([t for tgt in targets for t in tgt], device=logits.device)
+    lp = torch.log_softmax(logits, -1).gather(1, flat[:, None])[:, 0]
+    seg = torch.repeat_interleave(torch.arange(len(targets), device=lp.device),
+                                  torch.tensor([len(t) for t in targets], device=lp.device))
+    return torch.zeros(len(targets), dtype=lp.dtype, device=lp.device).index_add(0, seg, lp).tolist()
