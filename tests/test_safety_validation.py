@@ -44,7 +44,7 @@ def test_bad_numbers_and_names_fail_while_reading_the_file(tmp_path, mutate, key
 def test_python_api_refuses_the_same_values():
     from types import SimpleNamespace
     from dln_ens.ensemble.model import EnsembleLanguageModel
-    from dln_ens.lm.hf import sampling_seeds
+    from dln_ens.lm.sampling import sampling_seeds
     from dln_ens.relrep.build import build_matrices
 
     members = {"a": SimpleNamespace(), "b": SimpleNamespace()}   # checks come before any member is used

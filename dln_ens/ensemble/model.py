@@ -50,7 +50,8 @@ from dln_ens.lm.base import Generation, Score, missing_member_parts
 from dln_ens.lm.batching import chunks, pad, positions
 from dln_ens.lm.context import ContextLengthError, cut_text_left
 from dln_ens.lm.forced import logits_at, summed_logprobs
-from dln_ens.lm.hf import candidate_logprobs, check_candidates, pick_tokens, sampling_seeds
+from dln_ens.lm.candidates import candidate_logprobs, check_candidates
+from dln_ens.lm.sampling import pick_tokens, sampling_seeds
 from dln_ens.lm.stopping import cut_at_stop, first_stop
 from dln_ens.relrep.vocab import token_surfaces
 

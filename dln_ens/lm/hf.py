@@ -29,7 +29,9 @@ from dln_ens.lm.checkpoint import check_model_dir, unreadable_checkpoint
 from dln_ens.lm.context import ContextLengthError, check_policy, keep_end
 from dln_ens.lm.forced import logits_at, prefill, summed_logprobs
 from dln_ens.lm.loading import resolve_dtype
-from dln_ens.lm.stopping import continuation_texts, cut_at_stop, first_stop, sequence_seeds
+from dln_ens.lm.candidates import candidate_logprobs, check_candidates
+from dln_ens.lm.sampling import pick_tokens, sampling_seeds
+from dln_ens.lm.stopping import continuation_texts, cut_at_stop, first_stop
 
 PROMPT_TAIL = 4  # prompt tokens decoded with the continuation so its first piece keeps its leading space
 
@@ -320,67 +322,3 @@ class HFLanguageModel:
         (see `candidate_logprobs`). One forward pass per batch of contexts."""
         check_candidates(candidates)  # before the forward passes
         return candidate_logprobs(self, self.next_token_distribution(contexts), contexts, candidates)
-
-
-def sampling_seeds(temperature: float, seed: int | None, keys: Sequence[str]) -> list[int | None]:
-    """One seed per sequence (``stopping.sequence_seeds`` keyed by ``keys``); all None when
-    greedy. Without ``seed`` a random one is drawn, so sampling still follows torch.manual_seed."""
-    check_number("temperature", temperature, ge=0)
-    if temperature == 0:
-        return [None] * len(keys)
-    if seed is None:
-        seed = int(torch.randint(0, 2 ** 62, ()).item())
-    return sequence_seeds(seed, keys)
-
-
-def pick_tokens(logits: torch.Tensor, temperature: float, gens) -> torch.Tensor:
-    """[B] next tokens: argmax at temperature 0, else sampled from softmax(logits / temperature)
-    with row b drawing from its own generator ``gens[b]``."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    # one random stream per sequence; no batched sampler takes several generators
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)])
-
-
-def check_candidates(candidates: list[str]) -> None:
-    if any(not c.strip() for c in candidates):
-        raise ValueError(f"candidates must be non-blank strings, got {candidates!r}")
-
-
-def candidate_logprobs(tokenizing_lm: "HFLanguageModel", dist: torch.Tensor, contexts: list[str],
-                       candidates: list[str]) -> np.ndarray:
-    """Log-probability of each candidate as the next piece of text, read off ``dist`` (the
-    [B, V] next-token log-probs after each context, over ``tokenizing_lm``'s vocabulary).
-
-    As the DLN scorer does, a candidate counts with and without a leading space: its variants
-    " cand" and "cand" are tokenised after the context (first token of encode(context +
-    variant) beyond encode(context); the variant encoded alone if the context's tokens are not
-    a prefix) and the candidate gets the max over the two first tokens' log-probs.
-    """
-    check_candidates(candidates)
-    first = candidate_first_tokens(tokenizing_lm, contexts, candidates)
-    lp = dist.gather(1, first).view(len(contexts), len(candidates), 2)
-    return lp.max(-1).values.numpy()
-
-
-def candidate_variants(candidates: list[str]) -> list[str]:
-    """" cand" and "cand" for each candidate, in that order (a leading space counts once)."""
-    bases = [c[1:] if c.startswith(" ") else c for c in candidates]
-    return [v for b in bases for v in (" " + b, b)]
-
-
-def candidate_first_tokens(lm, contexts: list[str], candidates: list[str]) -> torch.Tensor:
-    """[len(contexts), 2 * len(candidates)] the first token of " cand" and "cand" after each
-    context (columns: candidate 0 with space, without, candidate 1 ...; see `candidate_logprobs`)."""
-    variants = candidate_variants(candidates)
-    ctxs = lm.encode_many(contexts)
-    wholes = lm.encode_many([x + v for x in contexts for v in variants])
-    alone = [lm.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in variants]
-    first = torch.empty((len(contexts), len(variants)), dtype=torch.long)
-    for i, ctx in enumerate(ctxs):
-        for j in range(len(variants)):
-            whole = wholes[i * len(variants) + j]
-            prefix_ok = whole[:len(ctx)] == ctx and len(whole) > len(ctx)
-            first[i, j] = whole[len(ctx)] if prefix_ok else alone[j]
-    return first

@@ -205,7 +205,7 @@ class OpenAILanguageModel:
         return [Score(float(sum(lps)), len(lps)) for lps in self.target_logprobs(contexts, targets)]
 
     def next_token_logprobs(self, contexts: list[str], candidates: list[str]) -> np.ndarray:
-        from dln_ens.lm.hf import candidate_first_tokens, candidate_variants, check_candidates
+        from dln_ens.lm.candidates import candidate_first_tokens, candidate_variants, check_candidates
         check_candidates(candidates)
         variants = candidate_variants(candidates)
         shape = (len(contexts), len(candidates), 2)

@@ -25,7 +25,8 @@ import torch
 from dln_ens.ensemble.align import visible_text
 from dln_ens.errors import UserError
 from dln_ens.lm.batching import chunks, pad, positions
-from dln_ens.lm.hf import PROMPT_TAIL, sampling_seeds
+from dln_ens.lm.hf import PROMPT_TAIL
+from dln_ens.lm.sampling import sampling_seeds
 from dln_ens.lm.stopping import continuation_texts, cut_at_stop, first_stop
 from dln_ens.relrep.vocab import token_surfaces
 from dln_ens.serve.request import Params, Prompt
