@@ -40,13 +40,25 @@ def cmd_mat(args) -> int:
 
 
 def cmd_run(args) -> int:
+    """Under `accelerate launch` / `torchrun` every process runs this; each backend call's
+    requests are split across them (`dln_ens.distributed`) and rank 0 alone writes."""
     from dln_ens.backends import BackendPool
-    from dln_ens.config import config_to_dict
-    from dln_ens.io import write_json
+    from dln_ens.distributed import ShardedPool, init_processes, process_run_dir, quiet_unless_main
 
     cfg = _conf(args)
-    pool = BackendPool(cfg)
-    run_dir = Path(cfg.runs_dir) / cfg.name
+    procs = init_processes()
+    try:
+        pool = ShardedPool(BackendPool(cfg), procs)
+        with process_run_dir(Path(cfg.runs_dir) / cfg.name, procs) as run_dir, quiet_unless_main(procs):
+            _run(args, cfg, pool, run_dir)
+    finally:
+        procs.close()
+    return 0
+
+
+def _run(args, cfg, pool, run_dir: Path) -> None:
+    from dln_ens.config import config_to_dict
+    from dln_ens.io import write_json
     write_json(run_dir / "config.json", config_to_dict(cfg))
     t0 = time.perf_counter()
     parts = args.only or ["eval", "dln"]
@@ -57,9 +69,8 @@ def cmd_run(args) -> int:
         print(eval_table(rows))
     if "dln" in parts and cfg.dln is not None and cfg.dln.systems:
         from dln_ens.dln.run import run_dln
-        run_dln(cfg, pool, run_dir, resume=not args.fresh)
+        run_dln(cfg, pool, run_dir, resume=not args.fresh, extra_results=pool.shares)
     print(f"run {cfg.name}: {time.perf_counter() - t0:.0f} s; results in {run_dir}/")
-    return 0
 
 
 def cmd_tune_mod(args) -> int:

@@ -83,8 +83,11 @@ def build_system(system: DLNSystem, dcfg: DLNConfig, task: Task, get_backend, li
 
 # ----------------------------------------------------------------------------- the run
 
-def run_dln(cfg: Config, pool, run_dir: Path | None = None, resume: bool = True) -> dict:
+def run_dln(cfg: Config, pool, run_dir: Path | None = None, resume: bool = True,
+            extra_results=None) -> dict:
     """Train every system of ``cfg.dln`` on its task; ``pool.get(name)`` gives the backends.
+    ``extra_results()`` (if given) adds its keys to results.json (the processes of a
+    data-parallel run, `distributed.ShardedPool.shares`).
     Returns {"run_dir", "task", "systems": {name: {...}}, "summary"}."""
     if cfg.dln is None:
         raise ConfigError(f"{cfg.source}: no \"dln\" section; add one (see conf/default.json)")
@@ -123,7 +126,8 @@ def run_dln(cfg: Config, pool, run_dir: Path | None = None, resume: bool = True)
                                               library, run_dir, resume, fingerprint)}
     summary = format_summary(results)
     write_json(run_dir / "best_prompts.json", {n: r["best_prompts"] for n, r in results.items()})
-    write_json(run_dir / "results.json", {"task": dcfg.task, "systems": results})
+    extra = extra_results() if extra_results is not None else {}
+    write_json(run_dir / "results.json", {"task": dcfg.task, **extra, "systems": results})
     atomic_write_text(run_dir / "summary.md", summary)
     print(summary)
     return {"run_dir": str(run_dir), "task": dcfg.task, "systems": results, "summary": summary}
