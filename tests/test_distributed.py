@@ -197,6 +197,26 @@ def test_pool_shares_report_each_process():
     assert sum(p["share"] for p in a["processes"]) == pytest.approx(1.0)
 
 
+def test_other_ranks_work_in_a_scratch_copy_of_the_run_directory(tmp_path):
+    from dln_ens.distributed.run_dir import process_run_dir
+    run = tmp_path / "runs" / "r"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "cell.json").write_text("{}")
+    (run / "dln_a.jsonl").write_bytes(b'{"iteration": 0}\n')
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    def body(procs):
+        with process_run_dir(run, procs) as d:
+            seen = {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+            (d / "dln_a.jsonl").write_text(f"rank {procs.rank}\n")
+            where = d
+        return where, seen, where.exists()
+    (_, (d0, seen0, _)), (_, (d1, seen1, kept1)) = run_ranks(2, body)
+    assert d0 == run and d1 != run and not kept1          # rank 1's scratch copy is gone
+    assert seen0 == seen1 == {p.relative_to(run): b for p, b in before.items()}
+    assert (run / "dln_a.jsonl").read_text() == "rank 0\n"
+
+
 # ----------------------------------------------------------------------------- devices
 
 def test_local_rank_placeholders():
@@ -343,3 +363,19 @@ def test_interrupted_two_process_run_resumes_to_the_same_result(tmp_path, tiny_g
     finish(launch(conf2, tmp_path))
     one_process(write_conf(tmp_path / "one.json", tmp_path / "runs1", tiny_gpt2_dir, tiny_llama_dir, iters=4))
     assert_same_run(tmp_path / "runs2" / "dp", tmp_path / "runs1" / "dp")
+
+
+def test_bench_parallel_reads_the_non_parallel_fraction(tmp_path, capsys):
+    from dln_ens.bench.parallel import main
+    run = tmp_path / "r"
+    run.mkdir()
+    calls = {"gen": {"generate": {"calls": 1, "requests": 4, "seconds": 3.0},
+                     "score": {"calls": 2, "requests": 8, "seconds": 4.5}}}
+    rows = [{"system": "s", "iteration": 0, "dev_acc": 0.5},
+            {"system": "s", "iteration": 1, "seconds": 10.0, "lm_calls": calls},
+            {"system": "s", "iteration": 2, "seconds": 10.0, "lm_calls": calls}]
+    (run / "dln_s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([str(run)]) == 0
+    out = capsys.readouterr().out
+    # 2.5 of every 10 s is outside the backends: f = 0.25, Amdahl bound on 2 = 1 / (0.25 + 0.375) = 1.6
+    assert "| s | 2 | 10 | 7.5 | 0.25 | 1.6 |" in out

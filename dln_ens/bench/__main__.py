@@ -6,7 +6,7 @@ import importlib.util
 import sys
 
 COMMANDS = {"mat": "dln_ens.bench.mat", "decode": "dln_ens.bench.decode", "dln": "dln_ens.bench.dln",
-            "mod": "dln_ens.bench.mod"}
+            "mod": "dln_ens.bench.mod", "parallel": "dln_ens.bench.parallel"}
 
 
 def main(argv: list[str] | None = None) -> int:

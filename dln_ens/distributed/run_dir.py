@@ -2,20 +2,43 @@
 
 Every process runs the same command, which reads and writes its run directory (resume state,
 finished cells, logs). Rank 0 uses the real one. Every other rank works in a private scratch
-copy of it, taken before rank 0 changes anything and deleted at the end: it reads exactly what
-rank 0 reads (so it resumes from the same point and makes the same calls), and its own writes
-never reach the run directory or race with rank 0's.
+copy of it, sent from rank 0 before anything is written (so nodes need no shared filesystem)
+and deleted at the end: it reads exactly what rank 0 reads, so it resumes from the same point
+and makes the same calls, and its own writes never reach the run directory.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from dln_ens.distributed.processes import Processes
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> bytes); empty if ``root`` does not exist."""
+    if not root.exists():
+        return {}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def _agree(procs: Processes, error: Exception | None, what: str) -> None:
+    """Raise on every process if any failed (none may go on to wait for the others)."""
+    failed = [(r, e) for r, e in enumerate(procs.gather(None if error is None else repr(error))) if e]
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"process {failed[0][0]} could not {what}: {failed[0][1]}")
 
 
 @contextlib.contextmanager
@@ -25,22 +48,25 @@ def process_run_dir(run_dir: Path, procs: Processes) -> Iterator[Path]:
     if not procs.distributed:
         yield run_dir
         return
-    with contextlib.ExitStack() as stack:
-        error = None
-        target = run_dir
-        if not procs.is_main:
-            try:
-                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"dln-ens-rank{procs.rank}-"))
-                target = Path(tmp) / run_dir.name
-                if run_dir.exists():
-                    shutil.copytree(run_dir, target, symlinks=True)
-            except Exception as e:
-                error = e
-        failed = [(r, e) for r, e in enumerate(procs.gather(None if error is None else repr(error))) if e]
-        if error is not None:
-            raise error
-        if failed:   # rank 0 must not start writing while a copy may still be read
-            raise RuntimeError(f"process {failed[0][0]} could not copy {run_dir}: {failed[0][1]}")
+    files, error = None, None
+    if procs.is_main:
+        try:
+            files = read_tree(run_dir)
+        except Exception as e:
+            error = e
+    _agree(procs, error, f"read {run_dir}")
+    files = procs.broadcast(files)
+    if procs.is_main:
+        _agree(procs, None, f"copy {run_dir} into its scratch folder")
+        yield run_dir
+        return
+    with tempfile.TemporaryDirectory(prefix=f"dln-ens-rank{procs.rank}-") as tmp:
+        target = Path(tmp) / run_dir.name
+        try:
+            write_tree(target, files)
+        except Exception as e:
+            error = e
+        _agree(procs, error, f"copy {run_dir} into its scratch folder")
         yield target
 
 
