@@ -33,9 +33,18 @@ def cmd_zoo(args) -> int:
 
 
 def cmd_mat(args) -> int:
+    """Under `accelerate launch` / `torchrun` each process builds its share of the members."""
+    from dln_ens.distributed import init_processes, quiet_unless_main
+    from dln_ens.distributed.devices import with_local_rank
     from dln_ens.relrep.cli import build_all
     cfg = _conf(args, check_paths=False)
-    build_all(cfg, force=args.force)
+    procs = init_processes()
+    try:
+        with quiet_unless_main(procs):
+            build_all(cfg, force=args.force, procs=procs,
+                      device=with_local_rank(args.device, procs.local_rank) if args.device else None)
+    finally:
+        procs.close()
     return 0
 
 
@@ -107,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("mat", cmd_mat, "build the zoo if missing, then the relative-representation matrices "
                              "of every ensemble in the config (up-to-date ones are skipped)")
     sp.add_argument("--force", action="store_true", help="rebuild all matrices")
+    sp.add_argument("--device", help="compute the matrices on this device, e.g. cuda:{local_rank} (each "
+                                     "process of `accelerate launch` builds its own members' matrices)")
 
     sp = add("run", cmd_run, "evaluate the configured backends and train/evaluate the configured "
                              "Deep Language Networks; writes runs/<name>/ and resumes by default")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dln_ens.distributed.processes import Processes
 from dln_ens.distributed.devices import DeviceSpecError, narrow_visible_gpus, process_gpus, with_local_rank
 from dln_ens.distributed.shard import shard_owners
 from dln_ens.distributed.sharded_lm import ShardedLanguageModel, ShardedPool
@@ -73,6 +74,8 @@ class ThreadProcesses:
 
     def broadcast(self, obj):
         return self.gather(obj)[0]
+
+    gather_or_raise = Processes.gather_or_raise
 
     def barrier(self):
         self.gather(None)
@@ -256,7 +259,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_conf(path: Path, runs: Path, gpt2: Path, llama: Path, iters: int = 2) -> Path:
+def write_conf(path: Path, runs: Path, gpt2: Path, llama: Path, iters: int = 2, matrices: Path | None = None) -> Path:
+    """Eval of two tiny models; a DLN-2 with the hidden layer and posterior on one, proposals
+    on the other; with ``matrices``, also a DLN-1 on their DeePEn ensemble."""
     conf = {"name": "dp", "runs_dir": str(runs),
             "backends": {"gpt2": {"type": "hf", "path": str(gpt2), "batch_size": 4},
                          "llama": {"type": "hf", "path": str(llama), "batch_size": 4}},
@@ -267,6 +272,11 @@ def write_conf(path: Path, runs: Path, gpt2: Path, llama: Path, iters: int = 2) 
                     "iters": iters, "batch_size": 3, "num_p_samples": 2, "num_h_samples": 2, "num_dev": 4,
                     "num_test": 4, "hidden_max_new_tokens": 6, "output_max_new_tokens": 4,
                     "proposal_max_new_tokens": 6, "proposal_max_examples": 1}}
+    if matrices is not None:
+        conf["backends"]["ens"] = {"type": "ensemble", "members": ["gpt2", "llama"], "main": "gpt2",
+                                   "matrices": str(matrices), "topk": 16, "min_anchors": 10}
+        conf["eval"]["backends"].append("ens")
+        conf["dln"]["systems"].append({"name": "one-ens", "layers": 1, "backend": "ens"})
     path.write_text(json.dumps(conf))
     return path
 
@@ -348,7 +358,14 @@ def test_two_processes_equal_one(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
 
 @pytest.mark.slow
 def test_interrupted_two_process_run_resumes_to_the_same_result(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
-    conf2 = write_conf(tmp_path / "two.json", tmp_path / "runs2", tiny_gpt2_dir, tiny_llama_dir, iters=4)
+    from dln_ens.lm.hf import HFLanguageModel
+    from dln_ens.relrep.build import build_matrices
+    mats = tmp_path / "mats"
+    build_matrices({"gpt2": HFLanguageModel.from_pretrained(tiny_gpt2_dir),
+                    "llama": HFLanguageModel.from_pretrained(tiny_llama_dir)}, mats, topk=16, min_anchors=10,
+                   progress=False)
+    conf2 = write_conf(tmp_path / "two.json", tmp_path / "runs2", tiny_gpt2_dir, tiny_llama_dir, iters=4,
+                       matrices=mats)
     state = tmp_path / "runs2" / "dp" / "dln_two.state.json"
     proc = launch(conf2, tmp_path)
     deadline = time.monotonic() + 240
@@ -361,7 +378,8 @@ def test_interrupted_two_process_run_resumes_to_the_same_result(tmp_path, tiny_g
     proc.communicate(timeout=120)      # the pipe closes when every worker has exited
     assert not json.loads(state.read_text())["done"]
     finish(launch(conf2, tmp_path))
-    one_process(write_conf(tmp_path / "one.json", tmp_path / "runs1", tiny_gpt2_dir, tiny_llama_dir, iters=4))
+    one_process(write_conf(tmp_path / "one.json", tmp_path / "runs1", tiny_gpt2_dir, tiny_llama_dir, iters=4,
+                           matrices=mats))
     assert_same_run(tmp_path / "runs2" / "dp", tmp_path / "runs1" / "dp")
 
 
@@ -379,3 +397,33 @@ def test_bench_parallel_reads_the_non_parallel_fraction(tmp_path, capsys):
     out = capsys.readouterr().out
     # 2.5 of every 10 s is outside the backends: f = 0.25, Amdahl bound on 2 = 1 / (0.25 + 0.375) = 1.6
     assert "| s | 2 | 10 | 7.5 | 0.25 | 1.6 |" in out
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_same_matrices(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
+    from safetensors.torch import load_file
+    from dln_ens.cli import main
+
+    def conf(name):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"name": name, "backends": {
+            "gpt2": {"type": "hf", "path": str(tiny_gpt2_dir)}, "llama": {"type": "hf", "path": str(tiny_llama_dir)},
+            "ens": {"type": "ensemble", "members": ["gpt2", "llama"], "main": "gpt2",
+                    "matrices": str(tmp_path / name), "topk": 16, "min_anchors": 10}}}))
+        return path
+    (tmp_path / "scratch").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "dln_ens", "mat", "--conf", str(conf("two")), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert main(["mat", "--conf", str(conf("one"))]) == 0
+    out = finish(proc)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    for m in ("gpt2", "llama"):
+        a, b = load_file(one / f"{m}.safetensors"), load_file(two / f"{m}.safetensors")
+        assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    meta1, meta2 = (json.loads((d / "meta.json").read_text()) for d in (one, two))
+    assert meta1["fingerprints"] == meta2["fingerprints"] and meta1["num_anchors"] == meta2["num_anchors"]
+    assert (one / "anchors.json").read_text() == (two / "anchors.json").read_text()
+    assert out.count("ens/gpt2: vocabulary") == 1 and out.count("ens/llama: vocabulary") == 1

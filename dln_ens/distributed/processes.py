@@ -46,6 +46,24 @@ class Processes:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_or_raise(self, compute, what: str = "finish its share"):
+        """``compute()`` here, every process's result in rank order everywhere; if any process
+        raised, every process raises (the lowest failing rank's exception, sent as itself when it
+        pickles), so none waits forever for the others."""
+        error = None
+        try:
+            payload = (True, compute())
+        except Exception as e:
+            error, payload = e, (False, _portable(e))
+        gathered = self.gather(payload)
+        for rank, (ok, value) in enumerate(gathered):
+            if not ok:
+                if rank == self.rank:
+                    raise error
+                raise value if isinstance(value, Exception) else ShareError(
+                    f"process {rank} could not {what}: {value}")
+        return [value for _, value in gathered]
+
     def barrier(self) -> None:
         if self.distributed:
             self.gather(None)   # a gather is a barrier that works the same on every backend
@@ -54,6 +72,18 @@ class Processes:
         import torch.distributed as dist
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class ShareError(RuntimeError):
+    """Another process failed with an exception that could not be sent as itself."""
+
+
+def _portable(e: Exception):
+    import pickle
+    try:
+        return pickle.loads(pickle.dumps(e))
+    except Exception:
+        return f"{type(e).__name__}: {e}"
 
 
 def _env_int(name: str, default: int) -> int:

@@ -32,15 +32,6 @@ def write_tree(root: Path, files: dict[str, bytes]) -> None:
         path.write_bytes(data)
 
 
-def _agree(procs: Processes, error: Exception | None, what: str) -> None:
-    """Raise on every process if any failed (none may go on to wait for the others)."""
-    failed = [(r, e) for r, e in enumerate(procs.gather(None if error is None else repr(error))) if e]
-    if error is not None:
-        raise error
-    if failed:
-        raise RuntimeError(f"process {failed[0][0]} could not {what}: {failed[0][1]}")
-
-
 @contextlib.contextmanager
 def process_run_dir(run_dir: Path, procs: Processes) -> Iterator[Path]:
     """The directory this process writes: ``run_dir`` on rank 0, a scratch copy elsewhere."""
@@ -48,25 +39,14 @@ def process_run_dir(run_dir: Path, procs: Processes) -> Iterator[Path]:
     if not procs.distributed:
         yield run_dir
         return
-    files, error = None, None
+    files = procs.gather_or_raise(lambda: read_tree(run_dir) if procs.is_main else None, f"read {run_dir}")[0]
     if procs.is_main:
-        try:
-            files = read_tree(run_dir)
-        except Exception as e:
-            error = e
-    _agree(procs, error, f"read {run_dir}")
-    files = procs.broadcast(files)
-    if procs.is_main:
-        _agree(procs, None, f"copy {run_dir} into its scratch folder")
+        procs.gather_or_raise(lambda: None)
         yield run_dir
         return
     with tempfile.TemporaryDirectory(prefix=f"dln-ens-rank{procs.rank}-") as tmp:
         target = Path(tmp) / run_dir.name
-        try:
-            write_tree(target, files)
-        except Exception as e:
-            error = e
-        _agree(procs, error, f"copy {run_dir} into its scratch folder")
+        procs.gather_or_raise(lambda: write_tree(target, files), f"copy {run_dir} into its scratch folder")
         yield target
 
 

@@ -16,7 +16,6 @@ the last bits because a request is batched and padded with different neighbours 
 """
 from __future__ import annotations
 
-import pickle
 import time
 
 import numpy as np
@@ -26,17 +25,6 @@ from dln_ens.distributed.shard import shard_owners, split
 from dln_ens.lm.base import LanguageModel
 
 METHODS = ("generate", "score", "next_token_logprobs")
-
-
-class ShardError(RuntimeError):
-    """Another process failed with an exception that could not be sent as itself."""
-
-
-def _portable(e: Exception) -> Exception:
-    try:
-        return pickle.loads(pickle.dumps(e))
-    except Exception:
-        return ShardError(f"{type(e).__name__}: {e}")
 
 
 class ShardedLanguageModel:
@@ -54,21 +42,21 @@ class ShardedLanguageModel:
         parts = split(shard_owners(keys, procs.world_size), procs.world_size)
         mine = parts[procs.rank]
         t0 = time.perf_counter()
-        error = None
+        done = []
+
+        def share():
+            values = list(compute(mine)) if mine else []
+            done.append(time.perf_counter())
+            return values
         try:
-            payload = (True, list(compute(mine)) if mine else [])
-        except Exception as e:
-            error, payload = e, (False, _portable(e))
-        t1 = time.perf_counter()
-        gathered = procs.gather(payload)
-        self.seconds["computing"] += t1 - t0
-        self.seconds["waiting"] += time.perf_counter() - t1
+            gathered = procs.gather_or_raise(share, f"compute its {method} requests on {self.name!r}")
+        finally:
+            t1 = done[0] if done else time.perf_counter()
+            self.seconds["computing"] += t1 - t0
+            self.seconds["waiting"] += time.perf_counter() - t1
         self.requests[method] += len(mine)
-        for rank, (ok, value) in enumerate(gathered):
-            if not ok:
-                raise error if rank == procs.rank else value
         out = [None] * len(keys)
-        for idx, (_, values) in zip(parts, gathered):
+        for idx, values in zip(parts, gathered):
             if len(values) != len(idx):
                 raise RuntimeError(f"backend {self.name!r}: {method} returned {len(values)} results "
                                    f"for {len(idx)} requests")
