@@ -21,10 +21,12 @@ from dln_ens.io import markdown_table, read_jsonl
 
 
 def step_rows(run_dir: Path) -> list[dict]:
+    results = run_dir / "results.json"   # the run's systems (older logs may share the directory)
+    systems = json.loads(results.read_text(encoding="utf-8"))["systems"] if results.exists() else None
     rows = []
     for log in sorted(run_dir.glob("dln_*.jsonl")):
         steps = [r for r in read_jsonl(log, allow_torn_tail=True) if r.get("iteration", 0) > 0 and "seconds" in r]
-        if not steps:
+        if not steps or (systems is not None and steps[0]["system"] not in systems):
             continue
         wall = sum(r["seconds"] for r in steps)
         backend = sum(m["seconds"] for r in steps for calls in r.get("lm_calls", {}).values()
