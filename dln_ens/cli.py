@@ -33,21 +33,43 @@ def cmd_zoo(args) -> int:
 
 
 def cmd_mat(args) -> int:
+    """Under `accelerate launch` / `torchrun` each process builds its share of the members."""
+    from dln_ens.distributed import init_processes, quiet_unless_main
+    from dln_ens.distributed.devices import with_local_rank
     from dln_ens.relrep.cli import build_all
     cfg = _conf(args, check_paths=False)
-    build_all(cfg, force=args.force)
+    procs = init_processes()
+    try:
+        with quiet_unless_main(procs):
+            build_all(cfg, force=args.force, procs=procs,
+                      device=with_local_rank(args.device, procs.local_rank) if args.device else None)
+    finally:
+        procs.close()
     return 0
 
 
 def cmd_run(args) -> int:
+    """Under `accelerate launch` / `torchrun` every process runs this; each backend call's
+    requests are split across them (`dln_ens.distributed`) and rank 0 alone writes."""
     from dln_ens.backends import BackendPool
+    from dln_ens.distributed import ShardedPool, init_processes, process_run_dir, quiet_unless_main
+
+    cfg = _conf(args)
+    procs = init_processes()
+    try:
+        pool = ShardedPool(BackendPool(cfg), procs)
+        with process_run_dir(Path(cfg.runs_dir) / cfg.name, procs) as run_dir, quiet_unless_main(procs):
+            _run(args, cfg, pool, run_dir)
+    finally:
+        procs.close()
+    return 0
+
+
+def _run(args, cfg, pool, run_dir: Path) -> None:
     from dln_ens.config import config_to_dict
     from dln_ens.io import write_json
     from dln_ens.rundir import lock_run_dir
 
-    cfg = _conf(args)
-    pool = BackendPool(cfg)
-    run_dir = Path(cfg.runs_dir) / cfg.name
     t0 = time.perf_counter()
     parts = args.only or ["eval", "dln"]
     do_eval = "eval" in parts and cfg.eval is not None and bool(cfg.eval.backends)
@@ -72,9 +94,8 @@ def cmd_run(args) -> int:
             print(fusion_summary(cfg, rows))
         if do_dln:
             from dln_ens.dln.run import run_dln
-            run_dln(cfg, pool, run_dir, resume=not args.fresh, plan=plan)
+            run_dln(cfg, pool, run_dir, resume=not args.fresh, plan=plan, extra_results=pool.shares)
     print(f"run {cfg.name}: {time.perf_counter() - t0:.0f} s; results in {run_dir}/")
-    return 0
 
 
 def cmd_ablate(args) -> int:
@@ -141,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("mat", cmd_mat, "build the zoo if missing, then the relative-representation matrices "
                              "of every ensemble in the config (up-to-date ones are skipped)")
     sp.add_argument("--force", action="store_true", help="rebuild all matrices")
+    sp.add_argument("--device", help="compute the matrices on this device, e.g. cuda:{local_rank} (each "
+                                     "process of `accelerate launch` builds its own members' matrices)")
 
     sp = add("run", cmd_run, "evaluate the configured backends and train/evaluate the configured "
                              "Deep Language Networks; writes runs/<name>/ and resumes by default")

@@ -61,6 +61,11 @@ def _check(b: EnsembleBackend, name: str, ctx: CheckContext) -> None:
         key = e.key if e.key in ("weights", "weighting", "weighting_temperature", "score_mode", "batch_size",
                                  "window") else f"fusion.{e.key}"
         raise ctx.error(f"{where}.{key}", str(e)) from None
+    from dln_ens.distributed.devices import DeviceSpecError, check_device_spec
+    try:
+        check_device_spec(b.compute_device)
+    except DeviceSpecError as e:
+        raise ctx.error(f"{where}.compute_device", str(e)) from None
 
 
 def _validate(b: EnsembleBackend, name: str, ctx: CheckContext) -> None:
@@ -70,9 +75,14 @@ def _validate(b: EnsembleBackend, name: str, ctx: CheckContext) -> None:
 
 
 def _build(b: EnsembleBackend, pool, name: str):
+    import dataclasses
+    from dln_ens.distributed import processes_from_env
+    from dln_ens.distributed.devices import with_local_rank
     from dln_ens.ensemble.model import EnsembleLanguageModel
     members = {m: pool.get(m) for m in b.members}
-    return EnsembleLanguageModel(members, main=b.main, matrices=b.matrices, options=b.options(), name=name,
+    device = with_local_rank(b.compute_device, processes_from_env().local_rank)
+    options = dataclasses.replace(b.options(), compute_device=device)
+    return EnsembleLanguageModel(members, main=b.main, matrices=b.matrices, options=options, name=name,
                                  matrix_params=b.matrix_params())
 
 

@@ -38,13 +38,23 @@ def require_model_dir(path: str, where: str, allow_pickle: bool = False) -> None
 
 
 def _check(b: HFBackend, name: str, ctx: CheckContext) -> None:
+    from dln_ens.distributed.devices import DeviceSpecError, check_device_spec
+    for key in ("device", "device_map"):
+        try:
+            check_device_spec(getattr(b, key))
+        except DeviceSpecError as e:
+            raise ctx.error(f"backends.{name}.{key}", str(e)) from None
     if ctx.check_paths:
         require_model_dir(b.path, f"{ctx.source}: key 'backends.{name}.path'", b.allow_pickle)
 
 
 def _build(b: HFBackend, pool, name: str):
+    from dln_ens.distributed import processes_from_env
+    from dln_ens.distributed.devices import with_local_rank
     from dln_ens.lm.hf import HFLanguageModel
-    return HFLanguageModel.from_pretrained(b.path, device=b.device, dtype=b.dtype, device_map=b.device_map,
+    rank = processes_from_env().local_rank    # "cuda:{local_rank}": one GPU per process
+    return HFLanguageModel.from_pretrained(b.path, device=with_local_rank(b.device, rank), dtype=b.dtype,
+                                           device_map=with_local_rank(b.device_map, rank),
                                            trust_remote_code=b.trust_remote_code, name=name,
                                            batch_size=b.batch_size, allow_pickle=b.allow_pickle,
                                            context_limit=b.context_limit, truncate=b.truncate)

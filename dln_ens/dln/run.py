@@ -203,9 +203,11 @@ def check_dln_run(cfg: Config, run_dir: Path, resume: bool = True) -> RunPlan:
 
 
 def run_dln(cfg: Config, pool, run_dir: Path | None = None, resume: bool = True,
-            plan: RunPlan | None = None) -> dict:
+            plan: RunPlan | None = None, extra_results=None) -> dict:
     """Train every system of ``cfg.dln`` on its task; ``pool.get(name)`` gives the backends.
-    ``plan``: what `check_dln_run` returned (checked again when None).
+    ``plan``: what `check_dln_run` returned (checked again when None). ``extra_results()`` (if
+    given) adds its keys to results.json (the processes of a data-parallel run,
+    `distributed.ShardedPool.shares`).
     Returns {"run_dir", "task", "systems": {name: {...}}, "summary"}."""
     check_names(cfg)   # before the run directory is created
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.runs_dir) / cfg.name
@@ -213,10 +215,10 @@ def run_dln(cfg: Config, pool, run_dir: Path | None = None, resume: bool = True,
         if plan is None:
             plan = check_dln_run(cfg, run_dir, resume)
         write_json(run_dir / "config.json", config_to_dict(cfg))
-        return _run_all(cfg, pool, run_dir, resume, plan)
+        return _run_all(cfg, pool, run_dir, resume, plan, extra_results)
 
 
-def _run_all(cfg: Config, pool, run_dir: Path, resume: bool, plan: RunPlan) -> dict:
+def _run_all(cfg: Config, pool, run_dir: Path, resume: bool, plan: RunPlan, extra_results=None) -> dict:
     dcfg = cfg.dln
     counters: dict[int, CountingLM] = {}
 
@@ -229,7 +231,8 @@ def _run_all(cfg: Config, pool, run_dir: Path, resume: bool, plan: RunPlan) -> d
     baselines = _run_baselines(dcfg, results, plan, get_backend, run_dir, resume)
     summary = format_summary(results, baselines)
     write_json(run_dir / "best_prompts.json", {n: r["best_prompts"] for n, r in results.items()})
-    write_json(run_dir / "results.json", {"task": dcfg.task, "systems": results, "baselines": baselines})
+    extra = extra_results() if extra_results is not None else {}
+    write_json(run_dir / "results.json", {"task": dcfg.task, **extra, "systems": results, "baselines": baselines})
     atomic_write_text(run_dir / "summary.md", summary)
     print(summary)
     return {"run_dir": str(run_dir), "task": dcfg.task, "systems": results, "baselines": baselines,

@@ -147,7 +147,8 @@ def build_params(temperature: float, topk: int | None, num_anchors: int | None, 
 def build_matrices(members: dict, out_dir: str | Path, temperature: float = 100.0,
                    topk: int | None = 64, anchors: str | Path | None = None, min_anchors: int = 100,
                    num_anchors: int | None = None, block_rows: int | None = None,
-                   progress: bool = True, value_dtype: str = "float16") -> dict[str, MemberStats]:
+                   progress: bool = True, value_dtype: str = "float16", procs=None,
+                   device: str | None = None) -> dict[str, MemberStats]:
     """Compute anchors and every member's matrix; write ``out_dir/<member>.safetensors``,
     ``anchors.json`` and, last, ``meta.json``.
 
@@ -157,7 +158,13 @@ def build_matrices(members: dict, out_dir: str | Path, temperature: float = 100.
     num_anchors: keep the n anchors most consistent across members (None = all).
     value_dtype: on-disk dtype of sparse values, "float16" (rounded down, so rows never exceed
     mass 1) or "float32".
+    procs: the processes of a data-parallel command (`distributed.Processes`): each computes and
+    writes the matrices of its share of the members; rank 0 writes anchors.json and meta.json.
+    device: where the matrices are computed (default: each embedding's own device).
     """
+    from dln_ens.distributed import Processes
+    from dln_ens.distributed.shard import shard_owners
+    procs = procs or Processes()
     if not members:
         raise ValueError("build_matrices: no members")
     check_number("temperature", temperature, gt=0)
@@ -183,23 +190,42 @@ def build_matrices(members: dict, out_dir: str | Path, temperature: float = 100.
         anc = most_consistent(anc, weights, num_anchors)
     params = build_params(temperature, topk, num_anchors, anchors, value_dtype)
 
-    previous = store.begin_build(out_dir, names)   # from here on the directory does not load until meta.json
-    stats, fingerprints = {}, {}
-    shared: dict[tuple, RelRepMatrix] = {}   # a MoD member shares its base's embedding
-    for m in names:
-        t0 = time.perf_counter()
-        key = (weights[m].data_ptr(), tuple(weights[m].shape), tuple(anc.ids[m]))
-        if key not in shared:
-            if topk is None:
-                shared.clear()   # dense matrices are large: keep one at a time
-            shared[key] = member_matrix(weights[m], anc.id_tensor(m), temperature, topk, block_rows,
-                                        progress, desc=f"matrix {m}")
-        R = shared[key]
-        seconds = time.perf_counter() - t0
-        nbytes = store.save_member(out_dir, m, R, value_dtype)
-        fingerprints[m] = store.fingerprint(weights[m], surfaces[m])
-        stats[m] = MemberStats(m, R.num_rows, len(anc), R.k, nbytes, seconds)
-    store.save_anchors(out_dir, anc)
-    store.finish_build(out_dir, params, fingerprints, len(anc),
-                       {m: round(s.seconds, 3) for m, s in stats.items()}, previous)
+    # from here on the directory does not load until meta.json
+    previous = procs.gather_or_raise(lambda: store.begin_build(out_dir, names) if procs.is_main else None,
+                                     f"clear {out_dir}")[0]
+    keys = {m: (weights[m].data_ptr(), tuple(weights[m].shape), tuple(anc.ids[m])) for m in names}
+    firsts = {k: i for i, k in reversed(list(enumerate(keys.values())))}
+    owners = shard_owners([firsts[keys[m]] for m in names], procs.world_size)   # a shared embedding once
+
+    def build_share() -> dict[str, MemberStats]:
+        stats = {}
+        shared: dict[tuple, RelRepMatrix] = {}   # a MoD member shares its base's embedding
+        for m, owner in zip(names, owners):
+            if owner != procs.rank:
+                continue
+            t0 = time.perf_counter()
+            if keys[m] not in shared:
+                if topk is None:
+                    shared.clear()   # dense matrices are large: keep one at a time
+                w = weights[m] if device is None else weights[m].to(device)
+                shared[keys[m]] = member_matrix(w, anc.id_tensor(m), temperature, topk, block_rows,
+                                                progress, desc=f"matrix {m}")
+            R = shared[keys[m]]
+            seconds = time.perf_counter() - t0
+            nbytes = store.save_member(out_dir, m, R, value_dtype)
+            stats[m] = MemberStats(m, R.num_rows, len(anc), R.k, nbytes, seconds)
+        return stats
+
+    stats = {}
+    for share in procs.gather_or_raise(build_share, f"build its matrices in {out_dir}"):
+        stats.update(share)
+    stats = {m: stats[m] for m in names}
+
+    def finish() -> None:
+        if procs.is_main:
+            fingerprints = {m: store.fingerprint(weights[m], surfaces[m]) for m in names}
+            store.save_anchors(out_dir, anc)
+            store.finish_build(out_dir, params, fingerprints, len(anc),
+                               {m: round(s.seconds, 3) for m, s in stats.items()}, previous)
+    procs.gather_or_raise(finish, f"finish {out_dir}")   # every process returns once it loads
     return stats

@@ -51,10 +51,14 @@ def _ensure_zoo(cfg: Config, hf_names: set[str]) -> None:
         require_model_dir(cfg.backends[n].path, f"{cfg.source}: key 'backends.{n}.path'", cfg.backends[n].allow_pickle)
 
 
-def build_all(cfg: Config, force: bool = False, progress: bool = True) -> dict[str, dict[str, MemberStats]]:
+def build_all(cfg: Config, force: bool = False, progress: bool = True, procs=None,
+              device: str | None = None) -> dict[str, dict[str, MemberStats]]:
     """Build (or skip, when up to date) the matrices of every ensemble backend in ``cfg``.
-    Returns the stats of what was built, per ensemble."""
+    Returns the stats of what was built, per ensemble. ``procs`` (`distributed.Processes`)
+    splits each ensemble's members among processes; ``device`` computes the matrices there."""
     from dln_ens.backends import BackendPool
+    from dln_ens.distributed import Processes
+    procs = procs or Processes()
 
     ensembles = cfg.ensembles()
     if not ensembles:
@@ -74,6 +78,8 @@ def build_all(cfg: Config, force: bool = False, progress: bool = True) -> dict[s
                               f"matrices, but member(s) {', '.join(users)} are user classes without "
                               f"embeddings; use local hf/mod members or another method")
         plan[ens] = hf
+    # the zoo is built once, by rank 0, before any process looks for its models
+    procs.gather_or_raise(lambda: procs.is_main and _ensure_zoo(cfg, local), "build the zoo")
     _ensure_zoo(cfg, local)
     pool = BackendPool(cfg)
     built = {}
@@ -91,7 +97,7 @@ def build_all(cfg: Config, force: bool = False, progress: bool = True) -> dict[s
             print(f"{ens}: building matrices in {b.matrices} (--force)")
         stats = build_matrices(members, b.matrices, temperature=b.temperature, topk=b.topk,
                                anchors=b.anchors, min_anchors=b.min_anchors, num_anchors=b.num_anchors,
-                               progress=progress, value_dtype=VALUE_DTYPE)
+                               progress=progress, value_dtype=VALUE_DTYPE, procs=procs, device=device)
         for s in stats.values():
             print(summary_line(ens, s))
         built[ens] = stats
