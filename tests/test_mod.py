@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 import transformers as T
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dln_ens.backends import BackendPool
 from dln_ens.config import parse_config
@@ -46,13 +45,9 @@ def _tasks():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    from dln_ens.zoo.tokenizers import train_byte_bpe
     corpus = [f"{INSTRUCTION}\n\nInput: {e.input}\nAnswer: {e.target}\n" for e in _task(1).train]
-    tok.train_from_iterator(corpus * 3, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    return train_byte_bpe(corpus * 3, 300)
 
 
 def _config(kind: str, vocab: int):
