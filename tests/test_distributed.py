@@ -427,3 +427,15 @@ def test_two_processes_build_the_same_matrices(tmp_path, tiny_gpt2_dir, tiny_lla
     assert meta1["fingerprints"] == meta2["fingerprints"] and meta1["num_anchors"] == meta2["num_anchors"]
     assert (one / "anchors.json").read_text() == (two / "anchors.json").read_text()
     assert out.count("ens/gpt2: vocabulary") == 1 and out.count("ens/llama: vocabulary") == 1
+
+
+def test_token_counts_see_through_the_sharded_wrapper(tiny_gpt2_dir):
+    """The DLN's token costs are read from the model's tokenizer, also behind the wrapper every
+    `dln-ens run` puts around its backends."""
+    from dln_ens.dln.calls import CountingLM
+    from dln_ens.lm.hf import HFLanguageModel
+    lm = HFLanguageModel.from_pretrained(tiny_gpt2_dir)
+    counted = CountingLM(ShardedLanguageModel(lm, Processes()))
+    counted.score(["Input: yes"], [" no"])
+    want = len(lm.encode("Input: yes")) + len(lm.encode(" no"))
+    assert counted.tokens is not None and counted.tokens["prompt"] == want

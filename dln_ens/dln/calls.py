@@ -16,10 +16,13 @@ METHODS = ("generate", "score", "next_token_logprobs")
 
 def token_encoder(lm):
     """The batch tokenizer of a local backend (an ensemble: its main member's; a MoD member:
-    its base model's), or None (then token counts are not available)."""
-    for obj in (lm, getattr(lm, "main_member", None), getattr(lm, "base", None)):
-        if obj is not None and callable(getattr(obj, "encode_many", None)):
-            return obj.encode_many
+    its base model's; a wrapper's: its inner backend's), or None (then token counts are not
+    available)."""
+    while lm is not None:   # through wrappers (`distributed.ShardedLanguageModel`) to the model
+        for obj in (lm, getattr(lm, "main_member", None), getattr(lm, "base", None)):
+            if obj is not None and callable(getattr(obj, "encode_many", None)):
+                return obj.encode_many
+        lm = getattr(lm, "inner", None)
     return None
 
 
