@@ -57,6 +57,19 @@ def test_rebuild_deletes_only_files_the_last_build_listed(members, tmp_path):
     load_matrices(tmp_path, {"bpe": members["bpe"]})            # the refused build changed nothing
 
 
+def test_a_manifest_listing_paths_outside_its_folder_deletes_nothing(members, tmp_path):
+    """A meta.json edited by hand (or by another tool) cannot make a build delete anything that is
+    not a build's own file in the folder itself."""
+    mat, outside = tmp_path / "mat", tmp_path / "model.safetensors"
+    mat.mkdir()
+    outside.write_bytes(b"weights")
+    for listed in (["../model.safetensors"], ["notes.txt"], [".hidden.safetensors"]):
+        (mat / "meta.json").write_text(json.dumps({"format": 2, "complete": True, "files": listed}))
+        with pytest.raises(ForeignFilesError, match="which no matrix build writes"):
+            build_matrices(members, mat, topk=4, min_anchors=10, progress=False)
+        assert outside.read_bytes() == b"weights" and sorted(p.name for p in mat.iterdir()) == ["meta.json"]
+
+
 def test_changed_build_settings_are_refused_on_load(model_dirs, tmp_path):
     mat = tmp_path / "mat"
     build_all(_cfg(model_dirs, mat), progress=False)

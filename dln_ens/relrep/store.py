@@ -87,11 +87,27 @@ def owned_files(out_dir: Path) -> set[str]:
         raise ForeignFilesError(f"{path}: unreadable ({e}), so which files a build wrote here is "
                                 f"unknown; delete {out_dir} yourself or choose another \"matrices\" folder") from None
     if isinstance(meta, dict) and isinstance(meta.get("files"), list):
-        return {str(f) for f in meta["files"]}
-    if isinstance(meta, dict) and meta.get("format") == 1 and isinstance(meta.get("members"), list):
-        return {f"{m}.safetensors" for m in meta["members"]} | {"anchors.json"}   # format 1 listed members
+        files = {str(f) for f in meta["files"]}
+    elif isinstance(meta, dict) and meta.get("format") == 1 and isinstance(meta.get("members"), list):
+        files = {f"{m}.safetensors" for m in meta["members"]} | {"anchors.json"}   # format 1 listed members
+    else:
+        files = None
+    if files is not None:
+        # a build writes only these names in its own folder: a manifest listing anything else was not
+        # written by a build, and nothing it lists may be deleted
+        odd = sorted(f for f in files if not _buildable_name(f))
+        if odd:
+            raise ForeignFilesError(f"{path}: lists {', '.join(odd[:5])}, which no matrix build writes; delete "
+                                    f"{out_dir} yourself or choose another \"matrices\" folder")
+        return files
     raise ForeignFilesError(f"{path}: not a matrices manifest (no \"files\" list); delete {out_dir} "
                             f"yourself or choose another \"matrices\" folder")
+
+
+def _buildable_name(name: str) -> bool:
+    """A file name a build writes: ``anchors.json`` or ``<member>.safetensors``, in the folder itself."""
+    plain = bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and not name.startswith(".")
+    return plain and (name == "anchors.json" or (name.endswith(".safetensors") and name != ".safetensors"))
 
 
 def _is_temp_of(name: str, names: set[str]) -> bool:
