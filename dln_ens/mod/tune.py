@@ -235,9 +235,9 @@ def snapshot(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def tune_mod_from_config(cfg) -> TuneResult:
     """`dln-ens tune-mod --conf ...`: tune the `mod` backend named by ``cfg.tune_mod.backend`` and
     write its head to the backend's ``head`` directory, or beside its base model when unset."""
+    from dln_ens.backend_types import BACKEND_TYPES
     from dln_ens.config import ConfigError, HFBackend, ModBackend
     from dln_ens.data import load_task
-    from dln_ens.lm.hf import HFLanguageModel
 
     tm = cfg.tune_mod
     if tm is None:
@@ -257,9 +257,7 @@ def tune_mod_from_config(cfg) -> TuneResult:
     if out_dir.resolve() == Path(hb.path).resolve():
         raise ConfigError(f"{cfg.source}: key 'backends.{name}.head' points at the base model directory "
                           f"{hb.path}; a MoD head needs its own directory (e.g. {default_dir})")
-    base = HFLanguageModel.from_pretrained(hb.path, device=hb.device, dtype=hb.dtype, device_map=hb.device_map,
-                                           trust_remote_code=hb.trust_remote_code, name=mb.base,
-                                           batch_size=hb.batch_size, allow_pickle=hb.allow_pickle)
+    base = BACKEND_TYPES["hf"].build(hb, None, mb.base)   # loaded as every `hf` backend is
     try:
         mod = DepthEnsembleLanguageModel(base, mb.k_last, mb.router, mb.top_k, name=name, lora=lora,
                                          lora_seed=tm.seed)
