@@ -58,8 +58,7 @@ def _check(b: EnsembleBackend, name: str, ctx: CheckContext) -> None:
     try:
         b.options().check(b.members)
     except SettingsError as e:
-        key = e.key if e.key in ("weights", "weighting", "weighting_temperature", "score_mode", "batch_size",
-                                 "window") else f"fusion.{e.key}"
+        key = e.key if e.key in EnsembleOptions.__dataclass_fields__ else f"fusion.{e.key}"   # else a method setting
         raise ctx.error(f"{where}.{key}", str(e)) from None
     from dln_ens.distributed.devices import DeviceSpecError, check_device_spec
     try:
