@@ -211,19 +211,6 @@ def test_next_token_logprobs_matches_direct_computation(lm):
             assert got[i, j] == pytest.approx(max(last[t].item() for t in firsts), abs=1e-4)
 
 
-def test_prefill_step_and_rollback_by_masking(lm):
-    """The incremental API others build on (the ensemble's per-step decoding): prefill, step, and
-    taking tokens back by zeroing their mask columns instead of cropping the cache."""
-    a, b = lm.encode(PROMPTS[0]), lm.encode(PROMPTS[2])
-    logits, cache, mask = lm.prefill([a, b])
-    torch.testing.assert_close(torch.log_softmax(logits, -1)[1], full_logprobs(lm.model, b)[-1], atol=1e-4, rtol=0)
-    mask[0, -2:] = 0  # row 0 forgets its last two tokens
-    new = torch.tensor([a[-2], 7])
-    logits, cache, mask = lm.step(new, cache, mask)
-    got = torch.log_softmax(logits, -1)
-    torch.testing.assert_close(got[0], full_logprobs(lm.model, a[:-1])[-1], atol=1e-4, rtol=0)
-    torch.testing.assert_close(got[1], full_logprobs(lm.model, b + [7])[-1], atol=1e-4, rtol=0)
-
 def test_forward_is_the_only_model_hook(tiny_gpt2_dir):
     """A subclass that changes forward (as Mixture-of-Depths does) changes every protocol method."""
     base = HFLanguageModel.from_pretrained(tiny_gpt2_dir)

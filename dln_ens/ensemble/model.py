@@ -7,7 +7,7 @@ main member appends the id and every other member re-tokenises incrementally (`a
 
 Batching. Rows of a batch drift apart in every non-main member (each re-tokenisation keeps a
 different number of tokens), so each member keeps ONE batched KV cache whose attention mask
-may have holes (`_Lane`): rolling a row back masks its dropped positions out, and the row's
+may have holes (`lm.decoder.DecodeState`, the decoder `HFLanguageModel` uses too): rolling a row back masks its dropped positions out, and the row's
 new tokens are appended, left-padded, in a block shared by the batch, with position ids that
 count the row's real tokens. One forward per member per step serves the whole batch; holes
 cost a few wasted cache columns, never a result that depends on the batch (masked positions
@@ -18,7 +18,7 @@ different devices; the fusion runs on ``compute_device``.
 
 Methods that read more than the logits (`surface`; perplexity weighting) get a `StepContext`
 from ``_fused``: a batched scorer of token continuations on each member's cache
-(``_Lane.continuation_logprobs``) and each member's NLL of the prompt per byte.
+(``DecodeState.continuation_logprobs``) and each member's NLL of the prompt per byte.
 
 Speed defaults (``python -m dln_ens.bench decode``): ``tail_mass=1e-4, max_support=256``
 restrict the relative-space work to each distribution's top tokens (`fusion.relative`). Against
@@ -32,7 +32,6 @@ differently); stop strings are searched in that text.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 from typing import Sequence
@@ -47,8 +46,9 @@ from dln_ens.ensemble.options import EnsembleOptions
 from dln_ens.fusion.base import StepContext, Vocab
 from dln_ens.fusion.registry import fusion_class, fusion_settings, make_fusion
 from dln_ens.lm.base import Generation, Score, missing_member_parts
-from dln_ens.lm.batching import chunks, pad, positions
+from dln_ens.lm.batching import chunks
 from dln_ens.lm.context import ContextLengthError, cut_text_left
+from dln_ens.lm.decoder import DecodeState
 from dln_ens.lm.forced import logits_at, summed_logprobs
 from dln_ens.lm.candidates import candidate_logprobs, check_candidates
 from dln_ens.lm.sampling import pick_tokens, sampling_seeds
@@ -57,100 +57,7 @@ from dln_ens.relrep.vocab import token_surfaces
 
 
 
-def _cache_rows(cache, idx: torch.Tensor):
-    """A KV cache holding rows ``idx`` of ``cache`` (repeats allowed); ``cache`` is left as it is."""
-    if not hasattr(cache, "layers"):
-        cache = copy.deepcopy(cache)
-    else:
-        cache = copy.copy(cache)
-        cache.layers = [copy.copy(layer) for layer in cache.layers]
-    cache.batch_select_indices(idx)
-    return cache
-
-
 FUSION_ROWS = 64   # positions per fusion call in the one-pass score ([rows, V] temporaries stay small)
-
-
-class _Lane:
-    """One member's batched decoding state: a KV cache whose mask may have holes.
-    ``prompt_nll=True`` also keeps each row's summed NLL of its prompt tokens (``prompt_nll``)."""
-
-    def __init__(self, member, seqs: list[list[int]], prompt_nll: bool = False):
-        self.member = member
-        ids, mask = pad(seqs, member.pad_token_id, "left", member.device)
-        self.prompt_nll = None
-        if prompt_nll:   # all positions' logits: B x T x V floats, once per prompt
-            logits, self.cache = member.forward(ids, mask, None, positions(mask, ids.shape[1]))
-            self.logits = logits[:, -1]
-            lp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None].to(logits.device))[..., 0]
-            seen = (mask[:, :-1] * mask[:, 1:]).to(lp.device)
-            self.prompt_nll = -(lp * seen).sum(-1)
-        else:
-            self.logits, self.cache = member.last_logits(ids, mask, None, positions(mask, ids.shape[1]))
-        self.mask = mask
-        width = ids.shape[1]
-        self.slots = [list(range(width - len(s), width)) for s in seqs]   # cache column of each token
-
-    def advance(self, keep: list[int], new: list[list[int]]) -> None:
-        """Row b keeps its first keep[b] tokens and appends new[b] (a rolled-back row must
-        append at least one token). Rows with nothing new keep their logits."""
-        for b, k in enumerate(keep):
-            dropped = self.slots[b][k:]
-            if dropped:
-                if not new[b]:
-                    raise ValueError("a rolled-back row must feed at least one token")
-                self.mask[b, dropped] = 0
-                del self.slots[b][k:]
-        n = max(len(x) for x in new)
-        if n == 0:
-            return
-        fed = [b for b, x in enumerate(new) if x]
-        ids, block = pad(new, self.member.pad_token_id, "left", self.mask.device)
-        pos = torch.zeros_like(ids)
-        width = self.mask.shape[1]
-        for b in fed:
-            m = len(new[b])
-            pos[b, n - m:] = torch.arange(len(self.slots[b]), len(self.slots[b]) + m)
-            self.slots[b].extend(range(width + n - m, width + n))
-        self.mask = torch.cat([self.mask, block], 1)
-        logits, self.cache = self.member.last_logits(ids, self.mask, self.cache, pos)
-        rows = torch.tensor(fed, device=logits.device)
-        self.logits = self.logits.index_copy(0, rows.to(self.logits.device), logits[rows].to(self.logits.device))
-
-    def select(self, rows: list[int]) -> None:
-        idx = torch.tensor(rows, dtype=torch.long)
-        self.cache.batch_select_indices(idx.to(self.mask.device))
-        self.mask = self.mask[idx.to(self.mask.device)]
-        self.logits = self.logits[idx.to(self.logits.device)]
-        self.slots = [self.slots[r] for r in rows]
-        if self.prompt_nll is not None:
-            self.prompt_nll = self.prompt_nll[idx.to(self.prompt_nll.device)]
-
-    def continuation_logprobs(self, rows: list[int], seqs: list[list[int]], chunk: int = 256) -> torch.Tensor:
-        """[P] summed log-probs of each non-empty token list ``seqs[i]`` appended to row
-        ``rows[i]``: the first token from the current logits, the rest from one forward per chunk
-        of pairs over a copy of their rows' cache (the lane itself is not changed)."""
-        dev = self.logits.device
-        first = torch.tensor([s[0] for s in seqs], device=dev)
-        out = torch.log_softmax(self.logits[torch.tensor(rows, device=dev)], -1).gather(1, first[:, None])[:, 0]
-        longer = [i for i, s in enumerate(seqs) if len(s) > 1]
-        for part in chunks(longer, chunk):
-            idx = torch.tensor([rows[i] for i in part], device=self.mask.device)
-            feed = [seqs[i][:-1] for i in part]
-            ids, block = pad(feed, self.member.pad_token_id, "left", self.mask.device)
-            n = ids.shape[1]
-            pos = torch.zeros_like(ids)
-            for j, i in enumerate(part):
-                m, start = len(feed[j]), len(self.slots[rows[i]])
-                pos[j, n - m:] = torch.arange(start, start + m)
-            logits, _ = self.member.forward(ids, torch.cat([self.mask[idx], block], 1), _cache_rows(self.cache, idx),
-                                            pos)
-            lp = torch.log_softmax(logits, -1)
-            for j, i in enumerate(part):
-                m = len(feed[j])
-                tgt = torch.tensor(seqs[i][1:], device=lp.device)
-                out[i] += lp[j, n - m:].gather(1, tgt[:, None])[:, 0].sum().to(dev)
-        return out
 
 
 class EnsembleLanguageModel:
@@ -290,9 +197,9 @@ class EnsembleLanguageModel:
                     raise ValueError(f"member {n!r} encodes the context {t[:40]!r} to no tokens; "
                                      f"give a non-empty context")
         nll = self.fusion.weighting.needs_prompt_nll
-        lanes = {self.main: _Lane(self.main_member, main_ids, nll)}
+        lanes = {self.main: DecodeState(self.main_member, main_ids, nll)}
         for n in tracks:
-            lanes[n] = _Lane(self.members[n], [tr.ids for tr in tracks[n]], nll)
+            lanes[n] = DecodeState(self.members[n], [tr.ids for tr in tracks[n]], nll)
         if nll:   # per byte: members tokenise differently
             nbytes = torch.tensor([max(len(t.encode("utf-8")), 1) for t in texts], dtype=torch.float32)
             for lane in lanes.values():
@@ -350,7 +257,7 @@ class EnsembleLanguageModel:
                     tracks[n] = [tracks[n][i] for i in live]
                 tok, rows = [tok[i] for i in live], [rows[i] for i in live]
                 gens = gens and [gens[i] for i in live]
-            lanes[self.main].advance([len(s) for s in lanes[self.main].slots], [[x] for x in tok])
+            lanes[self.main].step(torch.tensor(tok, device=lanes[self.main].mask.device))
             shown = [visible_text(prompt_bytes[r] + gen[r]) for r in rows] if tracks else []
             for n in tracks:
                 olds = [len(tr.ids) for tr in tracks[n]]

@@ -54,7 +54,7 @@ class StepContext:
 
     ``score(name, rows, seqs)``: member ``name``'s summed log-probability [P] of each token-id
     list ``seqs[i]`` as the continuation of row ``rows[i]``'s current sequence, all pairs in one
-    batched forward on top of that member's KV cache (`ensemble.model._Lane.continuation_logprobs`).
+    batched forward on top of that member's KV cache (`lm.decoder.DecodeState.continuation_logprobs`).
     ``prompt_nll``: per member, the prompt's negative log-likelihood per byte [B] (only when the
     weighting asks for it)."""
     score: Callable[[str, list[int], list[list[int]]], torch.Tensor]

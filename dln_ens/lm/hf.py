@@ -6,7 +6,8 @@ produce its own logits). Batches are laid out so that no row's result depends on
 - ``prefill`` runs a batch of token-id lists: their longest common prefix once (its KV cache
   repeated over the batch), then each row's remaining tokens left-padded after it, so the last
   column holds every row's next-token logits. The mask then has a hole between prefix and row.
-- ``step`` appends one token per row to the cache (greedy / sampled decoding).
+- ``generate`` decodes through `lm.decoder.DecodeState` (the ensemble's members use the same
+  one): prefill as above, then one token per row per step; finished rows leave the batch.
 - ``score`` prefills each distinct context once, copies its cache to every target of that
   context (``Cache.batch_select_indices`` with repeated indices) and teacher-forces the targets
   right-padded after it.
@@ -24,9 +25,10 @@ from tqdm.auto import tqdm
 
 from dln_ens.checks import SettingError, check_number
 from dln_ens.lm.base import Generation, Score
-from dln_ens.lm.batching import chunks, positions
+from dln_ens.lm.batching import chunks
 from dln_ens.lm.checkpoint import check_model_dir, unreadable_checkpoint
 from dln_ens.lm.context import ContextLengthError, check_policy, keep_end
+from dln_ens.lm.decoder import DecodeState
 from dln_ens.lm.forced import logits_at, prefill, summed_logprobs
 from dln_ens.lm.loading import resolve_dtype
 from dln_ens.lm.candidates import candidate_logprobs, check_candidates
@@ -196,12 +198,6 @@ class HFLanguageModel:
         [B, V] float32, the KV cache and the attention mask [B, S]."""
         return prefill(self, seqs)
 
-    def step(self, tokens: torch.Tensor, cache, mask: torch.Tensor):
-        """Append one token per row [B]; returns next-token logits [B, V], cache, mask."""
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
-        logits, cache = self.last_logits(tokens[:, None], mask, cache, positions(mask, 1))
-        return logits, cache, mask
-
     # ---- the protocol -----------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -250,12 +246,12 @@ class HFLanguageModel:
         self.check_length(max(map(len, prompt_ids)) + max(max_new_tokens - 1, 0), "a prompt + max_new_tokens")
         if max_new_tokens <= 0:
             return [([], [])] * b
-        logits, cache, mask = self.prefill(prompt_ids)
-        dev = logits.device
+        state = DecodeState(self, prompt_ids)
+        logits, dev = state.logits, state.logits.device
         tokens = torch.full((b, max_new_tokens), self.pad_token_id, dtype=torch.long, device=dev)
         logps = torch.zeros((b, max_new_tokens), device=dev)
         lengths = torch.zeros(b, dtype=torch.long, device=dev)
-        rows = torch.arange(b, device=dev)  # original row of each live cache row
+        rows = torch.arange(b, device=dev)  # original row of each live row
         gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds] if temperature > 0 else None
         eos = torch.tensor(self.stop_token_ids, dtype=torch.long, device=dev)
         tails = [p[-PROMPT_TAIL:] for p in prompt_ids]
@@ -271,13 +267,13 @@ class HFLanguageModel:
                 done |= torch.tensor([first_stop(x, stop) >= 0 for x in texts], device=dev)
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
-            if bool(done.any()):  # drop finished rows from the batch and the cache
+            if bool(done.any()):  # finished rows leave the batch
                 keep = (~done).nonzero()[:, 0]
-                cache.batch_select_indices(keep.cpu())
-                mask, tok, rows = mask[keep.to(mask.device)], tok[keep], rows[keep]
+                state.select(keep.cpu())
+                tok, rows = tok[keep], rows[keep]
                 if gens is not None:
                     gens = [gens[j] for j in keep.tolist()]
-            logits, cache, mask = self.step(tok, cache, mask)
+            logits = state.step(tok)
         lengths, tokens, logps = lengths.tolist(), tokens.tolist(), logps.tolist()
         return [(tokens[i][:n], logps[i][:n]) for i, n in enumerate(lengths)]
 
