@@ -5,6 +5,7 @@ import torch
 
 from dln_ens.ensemble.continuation import Continuations
 from dln_ens.ensemble.model import EnsembleLanguageModel
+from dln_ens.ensemble.state import EnsembleState
 from dln_ens.relrep.vocab import token_surfaces
 from test_ensemble import PROMPTS, members  # noqa: F401  (module fixture)
 
@@ -20,9 +21,9 @@ def test_continuation_scores_equal_from_scratch_forwards(members):  # noqa: F811
     ens = EnsembleLanguageModel(members, main="sp", method="surface")
     texts = PROMPTS[:3]
     main_ids = [members["sp"].nonempty(ids) for ids in members["sp"].encode_many(texts)]
-    tracks, lanes = ens._start(texts, main_ids)
+    state = EnsembleState(ens, texts, main_ids)
     for n in members:
-        cur = main_ids if n == "sp" else [tr.ids for tr in tracks[n]]
+        cur = main_ids if n == "sp" else [tr.ids for tr in state.tracks[n]]
         cont = Continuations(members[n].tokenizer, token_surfaces(members[n].tokenizer))
         rows, seqs = [], []
         for b in range(3):
@@ -32,7 +33,7 @@ def test_continuation_scores_equal_from_scratch_forwards(members):  # noqa: F811
                 rows.append(b)
                 seqs.append(seq)
         with torch.no_grad():
-            got = lanes[n].continuation_logprobs(rows, seqs, chunk=5)
+            got = state.lanes[n].continuation_logprobs(rows, seqs, chunk=5)
         for r, seq, g in zip(rows, seqs, got):
             want = sum(full_logprobs(members[n], cur[r] + seq)[len(cur[r]) - 1:])
             assert float(g) == pytest.approx(want, abs=1e-4)
@@ -59,7 +60,7 @@ def test_prompt_perplexity_weights_use_each_members_prompt_nll_per_byte(members)
     texts = PROMPTS[1:3]
     main_ids = [members["bpe"].nonempty(ids) for ids in members["bpe"].encode_many(texts)]
     with torch.no_grad():
-        _, lanes = ens._start(texts, main_ids)
+        lanes = EnsembleState(ens, texts, main_ids).lanes
     for n, m in members.items():
         for b, t in enumerate(texts):
             ids = main_ids[b] if n == "bpe" else m.encode(t)

@@ -131,8 +131,8 @@ class Engine:
             seeds = sampling_seeds(params.temperature, params.seed, keys)
             new_ids, logps, raws = [], [], []
             for idx in chunks(list(range(len(ids))), self.lm.batch_size):
-                out_ids, out_lp, gen = self.lm._run([keys[i] for i in idx], [ids[i] for i in idx], params.max_tokens,
-                                                    params.stop, params.temperature, [seeds[i] for i in idx])
+                out_ids, out_lp, gen = self.lm.decode([keys[i] for i in idx], [ids[i] for i in idx], params.max_tokens,
+                                                      params.stop, params.temperature, [seeds[i] for i in idx])
                 new_ids += out_ids
                 logps += out_lp
                 raws += [g.decode("utf-8", errors="replace") for g in gen]
