@@ -192,6 +192,19 @@ def lazy_dense(members, directory: Path):
     return out
 
 
+def tokens_per_main_token(members, main: str, prompts: list[str], gens) -> dict[str, float]:
+    """Per non-main member: its tokens of the generated text (after the prompt) per main token.
+    Random-weight members pick odd tokens (rare words, other scripts) that a byte-level BPE
+    splits into several: the ensemble's members then run that many tokens per step."""
+    made = sum(g.num_tokens for g in gens)
+    out = {}
+    for n, m in members.items():
+        if n != main:
+            grown = sum(len(m.encode(p + g.text)) - len(m.encode(p)) for p, g in zip(prompts, gens))
+            out[n] = grown / max(made, 1)
+    return out
+
+
 def member_arguments(ap: argparse.ArgumentParser) -> None:
     """The options of the random real-vocabulary members (shared with ``bench score``)."""
     ap.add_argument("--tokenizers", type=Path, default=SHARED / "tokenizers")
@@ -266,13 +279,14 @@ def main(argv=None):
         runs["ensemble sparse"] = ens_sparse
         if ens_dense is not None:
             runs[f"ensemble dense {args.dense_anchors} anchors"] = ens_dense
-        one, full, made = {k: float("inf") for k in runs}, {k: float("inf") for k in runs}, {}
+        one, full, made, texts = {k: float("inf") for k in runs}, {k: float("inf") for k in runs}, {}, {}
         for _ in range(args.repeats):   # in turn, keeping each run's fastest (a shared machine is noisy)
             for k, lm in runs.items():
                 for n, best in ((1, one), (args.new_tokens, full)):
                     t0 = time.perf_counter()
-                    made[k, n] = max(g.num_tokens for g in lm.generate(batch, max_new_tokens=n))
+                    gens = lm.generate(batch, max_new_tokens=n)
                     best[k] = min(best[k], time.perf_counter() - t0)
+                    made[k, n], texts[k] = max(g.num_tokens for g in gens), gens
         # per generated token, prefill excluded: (t(new) - t(1)) / (tokens - 1)
         res = {k: (full[k] - one[k]) / max(made[k, args.new_tokens] - 1, 1) for k in runs}
         res["sum of members"] = sum(res[n] for n in members)
@@ -284,6 +298,9 @@ def main(argv=None):
         for k, v in res.items():
             print(f"  {k:40s} {v * 1e3:9.2f} ms")
         print(f"  ensemble / sum of members (sparse)    {res['ensemble sparse'] / res['sum of members']:9.2f} x")
+        print("  tokens each other member runs per main-member token of the ensemble's text (a member alone "
+              "runs one): " + ", ".join(f"{n} {r:.2f}" for n, r in tokens_per_main_token(
+                  members, main_name, batch, texts["ensemble sparse"]).items()))
         if "reference-style loop (dense)" in res:
             print(f"  reference loop / ensemble sparse      "
                   f"{res['reference-style loop (dense)'] / res['ensemble sparse']:9.1f} x")
