@@ -16,7 +16,7 @@ class CallCache:
 
     def __init__(self):
         self._score: dict[int, dict[tuple[str, str], tuple[float, int]]] = {}
-        self._classes: dict[int, dict[tuple[str, tuple[str, ...]], np.ndarray]] = {}
+        self._classes: dict[int, dict[tuple[str, tuple], np.ndarray]] = {}
 
     def score(self, lm: LanguageModel, contexts: list[str], targets: list[str]) -> list[tuple[float, int]]:
         memo = self._score.setdefault(id(lm), {})
@@ -35,7 +35,7 @@ class CallCache:
                             aggregate: str | None = None) -> np.ndarray:
         """``aggregate`` None: the backend's default (no keyword sent, the protocol's old form)."""
         memo = self._classes.setdefault(id(lm), {})
-        cands = (aggregate, *candidates)
+        cands = (tuple(candidates), aggregate)
         todo = sorted({c for c in contexts if (c, cands) not in memo})
         if todo:
             kwargs = {} if aggregate is None else {"aggregate": aggregate}
