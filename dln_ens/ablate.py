@@ -95,7 +95,8 @@ class _Cells:
 
     def get(self, what: dict, task: str, make_lm) -> dict:
         ab = self.ab
-        key = _key(what, task, ab.split, ab.num_examples, ab.max_new_tokens, self.instruction(task))
+        # class scoring: `predict`'s default (the reference's sum over verbalizer forms)
+        key = _key(what, task, ab.split, ab.num_examples, ab.max_new_tokens, self.instruction(task), "classes:sum+sum")
         path = self.dir / f"{key}.json"
         if self.resume and path.is_file():
             return json.loads(path.read_text())

@@ -50,6 +50,8 @@ class EvalConfig:
     batch_size: int = field(default=16, metadata=at_least(1))
     # task name -> the instruction to evaluate under (default: the task's own instruction)
     instructions: dict[str, str] = field(default_factory=dict)
+    class_aggregation: Literal["sum", "max"] = "sum"   # class scoring as in the dln section
+    space_variants: Literal["sum", "max"] = "sum"
 
 
 @dataclass
@@ -100,6 +102,7 @@ class DLNConfig:
     rewrite_wrong_only: bool = False
     strip_options_for_hidden: bool = False   # the hidden layer reads the input without its "Options:" tail
     class_aggregation: Literal["sum", "max"] = "sum"   # over a class's verbalizer alternatives "a|A"
+    space_variants: Literal["sum", "max"] = "sum"      # over a verbalizer's forms " a" / "a"; variant "max"
     hidden_max_new_tokens: int = field(default=48, metadata=at_least(1))
     hidden_stop_at_newline: bool = False     # variant True: h ends at its first newline
     output_max_new_tokens: int = field(default=16, metadata=at_least(1))

@@ -33,12 +33,15 @@ def forward_prompts(task: Task, examples, prompt: str | None = None) -> list[str
     return [template.render(prompt=instruction, input=ex.input) for ex in examples]
 
 
-def predict(lm, task: Task, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def predict(lm, task: Task, prompts: list[str], max_new_tokens: int, batch_size: int,
+            class_aggregation: str = "sum", space_variants: str = "sum") -> list[str]:
+    """Class scoring combines verbalizer forms as `scoring.class_logprobs` says."""
     preds: list[str] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         if task.classes:
-            lp = class_logprobs(lm, chunk, list(task.classes))
+            lp = class_logprobs(lm, chunk, list(task.classes), aggregation=class_aggregation,
+                                space_variants=space_variants)
             preds += [task.classes[j] for j in lp.argmax(axis=1)]
         else:
             gens = lm.generate(chunk, max_new_tokens=max_new_tokens, stop=["\n"], temperature=0.0)
@@ -50,7 +53,8 @@ def _cell_key(cfg: Config, backend: str, task_name: str, task: Task) -> str:
     """Changes whenever anything that could change the cell's result changes."""
     ev = cfg.eval
     return combine([config_to_dict(cfg.backends), backend, task_name, ev.split, ev.num_examples,
-                    ev.max_new_tokens, ev.instructions.get(task_name), backend_fingerprint(cfg, backend),
+                    ev.max_new_tokens, ev.instructions.get(task_name), ev.class_aggregation, ev.space_variants,
+                    backend_fingerprint(cfg, backend),
                     task_fingerprint(task)])[:16]
 
 
@@ -92,7 +96,7 @@ def _evaluate(cfg: Config, pool: BackendPool, run_dir: Path, resume: bool, tasks
                 for i in range(0, len(prompts), ev.batch_size):
                     try:
                         preds += predict(lm, task, prompts[i:i + ev.batch_size], ev.max_new_tokens,
-                                         ev.batch_size)
+                                         ev.batch_size, ev.class_aggregation, ev.space_variants)
                     except ContextLengthError as e:   # name the example in the split, not in the batch
                         raise e.within(prompts[i:i + ev.batch_size], i, f"task {task_name!r} ({ev.split} split)") from None
                     bar.update(len(prompts[i:i + ev.batch_size]))

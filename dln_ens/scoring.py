@@ -1,8 +1,11 @@
 """Request caching and class scoring over any `LanguageModel` (DLN layers and plain evaluation)."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
+from dln_ens.errors import UserError
 from dln_ens.lm.base import LanguageModel
 
 
@@ -13,7 +16,7 @@ class CallCache:
 
     def __init__(self):
         self._score: dict[int, dict[tuple[str, str], tuple[float, int]]] = {}
-        self._classes: dict[int, dict[tuple[str, tuple[str, ...]], np.ndarray]] = {}
+        self._classes: dict[int, dict[tuple[str, tuple], np.ndarray]] = {}
 
     def score(self, lm: LanguageModel, contexts: list[str], targets: list[str]) -> list[tuple[float, int]]:
         memo = self._score.setdefault(id(lm), {})
@@ -28,18 +31,21 @@ class CallCache:
                 memo[k] = (float(s.logprob), int(s.num_tokens))
         return [memo[k] for k in keys]
 
-    def next_token_logprobs(self, lm: LanguageModel, contexts: list[str], candidates: list[str]) -> np.ndarray:
+    def next_token_logprobs(self, lm: LanguageModel, contexts: list[str], candidates: list[str],
+                            aggregate: str | None = None) -> np.ndarray:
+        """``aggregate`` None: the backend's default (no keyword sent, the protocol's old form)."""
         memo = self._classes.setdefault(id(lm), {})
-        cands = tuple(candidates)
+        cands = (tuple(candidates), aggregate)
         todo = sorted({c for c in contexts if (c, cands) not in memo})
         if todo:
-            out = np.asarray(lm.next_token_logprobs(todo, list(cands)), dtype=np.float64)
-            if out.shape != (len(todo), len(cands)):
+            kwargs = {} if aggregate is None else {"aggregate": aggregate}
+            out = np.asarray(lm.next_token_logprobs(todo, list(candidates), **kwargs), dtype=np.float64)
+            if out.shape != (len(todo), len(candidates)):
                 raise RuntimeError(f"backend {lm.name!r}: next_token_logprobs returned shape "
-                                   f"{out.shape}, expected {(len(todo), len(cands))}")
+                                   f"{out.shape}, expected {(len(todo), len(candidates))}")
             for c, row in zip(todo, out):
                 memo[(c, cands)] = row
-        return np.stack([memo[(c, cands)] for c in contexts]) if contexts else np.zeros((0, len(cands)))
+        return np.stack([memo[(c, cands)] for c in contexts]) if contexts else np.zeros((0, len(candidates)))
 
 
 def verbalizers(cls: str) -> list[str]:
@@ -56,19 +62,32 @@ def class_scoring_mode(classes: list[str]) -> str:
 
 
 def class_logprobs(lm: LanguageModel, contexts: list[str], classes: list[str],
-                   cache: CallCache | None = None, aggregation: str = "sum") -> np.ndarray:
-    """[N, C] unnormalised log-probabilities of the classes after each context: each
-    verbalizer alternative of a class ("a|A") is scored and the class gets their sum
-    (probabilities; the DLN reference's default) or their max.
+                   cache: CallCache | None = None, aggregation: str = "sum",
+                   space_variants: str = "sum") -> np.ndarray:
+    """[N, C] unnormalised log-probabilities of the classes after each context.
+
+    Each verbalizer alternative of a class ("a|A") is scored, with and without a leading space
+    (" a", "a"). ``space_variants`` combines an alternative's two forms and ``aggregation`` the
+    alternatives: "sum" adds probabilities, "max" keeps the largest. Both "sum" (the default,
+    the DLN reference's): the class gets the total probability of the distinct first tokens of
+    all its forms, a token two forms share counted once (`lm.candidates`). ``space_variants``
+    "max" scores with the protocol's two-argument form, which every backend implements; "sum"
+    needs a backend whose ``next_token_logprobs`` takes the ``aggregate`` keyword.
 
     `next_token_logprobs` sees only a verbalizer's first token: when verbalizers of two classes
-    start alike ("(A)", "(B)") it cannot tell them apart, so those tasks score whole strings."""
-    if aggregation not in ("sum", "max"):
-        raise ValueError(f"class aggregation must be 'sum' or 'max', got {aggregation!r}")
+    start alike ("(A)", "(B)") it cannot tell them apart, so those tasks score whole strings
+    (" " + verbalizer, teacher-forced; ``space_variants`` does not apply)."""
+    for key, value in (("class_aggregation", aggregation), ("space_variants", space_variants)):
+        if value not in ("sum", "max"):
+            raise ValueError(f"{key} must be 'sum' or 'max', got {value!r}")
     cache = cache or CallCache()
     alts = [v for c in classes for v in verbalizers(c)]
     if class_scoring_mode(classes) == "next_token":
-        lp = cache.next_token_logprobs(lm, contexts, alts)
+        if space_variants == "sum":
+            require_aggregate(lm)
+            if aggregation == "sum":   # one candidate per class: its forms' distinct tokens summed
+                return cache.next_token_logprobs(lm, contexts, list(classes), "sum")
+        lp = cache.next_token_logprobs(lm, contexts, alts, None if space_variants == "max" else "sum")
     else:
         flat_c = [c for c in contexts for _ in alts]
         flat_t = [" " + v for _ in contexts for v in alts]
@@ -82,3 +101,28 @@ def class_logprobs(lm: LanguageModel, contexts: list[str], classes: list[str],
         start += part.shape[1]
         cols.append(np.logaddexp.reduce(part, axis=1) if aggregation == "sum" else part.max(axis=1))
     return np.stack(cols, axis=1)
+
+
+class BackendCapabilityError(UserError, TypeError):
+    """A backend lacks what a setting asks of it; the message names the backend and the fix."""
+
+
+def require_aggregate(lm: LanguageModel) -> None:
+    """Refuse a backend (under its wrappers) whose ``next_token_logprobs`` takes no
+    ``aggregate`` keyword, naming it and the two fixes."""
+    inner = lm
+    while getattr(inner, "inner", None) is not None:   # accounting / data-parallel wrappers
+        inner = inner.inner
+    try:
+        params = inspect.signature(inner.next_token_logprobs).parameters.values()
+    except (TypeError, ValueError):   # no signature to read (a builtin): let the call decide
+        return
+    if any(p.name == "aggregate" or p.kind is p.VAR_KEYWORD for p in params):
+        return
+    cls = type(inner)
+    raise BackendCapabilityError(
+        f"backend {lm.name!r} ({cls.__module__}.{cls.__qualname__}): its next_token_logprobs takes no "
+        f"'aggregate' keyword, which class scoring with \"space_variants\": \"sum\" (the DLN reference's "
+        f"default) needs to add up a verbalizer's forms with and without a leading space. Give it "
+        f"`*, aggregate=\"max\"` (\"sum\": the total probability of the forms' distinct first tokens; "
+        f"README, \"Your own backend\"), or set \"space_variants\": \"max\" in the config's dln or eval section")

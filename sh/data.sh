@@ -5,8 +5,9 @@
 #   sh sh/data.sh --from ../shared/data  copy a local copy with the same layout instead
 #   options: --to DIR (default: datasets)  --force (re-download files that exist)
 #
-# Sources: suzgunmirac/BIG-Bench-Hard (MIT), yaolu/Ordered-Prompt, iesl/leopard,
-# OrangeInSouth/DeePEn. The synthetic tasks need no data.
+# Sources: suzgunmirac/BIG-Bench-Hard (MIT), google/BIG-bench (Apache-2.0; four tasks for the
+# DLN paper's BBH protocol), yaolu/Ordered-Prompt, iesl/leopard, OrangeInSouth/DeePEn.
+# The synthetic tasks need no data.
 set -eu
 
 FROM=""
@@ -29,7 +30,7 @@ if [ -n "$FROM" ]; then
     echo "data.sh: --from $FROM is not a directory" >&2; exit 1
   fi
   copied=0
-  for d in bbh ordered_prompt leopard deepen; do
+  for d in bbh bigbench ordered_prompt leopard deepen; do
     if [ -d "$FROM/$d" ]; then
       mkdir -p "$TO/$d"
       cp -R "$FROM/$d/." "$TO/$d/"
@@ -108,6 +109,11 @@ for s in $(${PYTHON:-python} -c "from dln_ens.data.loaders import MMLU_SUBJECTS;
   for split in dev val test; do
     fetch OrangeInSouth/DeePEn "datasets/MMLU/$split-jsonl/$s.jsonl" "deepen/MMLU/$split-jsonl/$s.jsonl"
   done
+done
+
+# BIG-bench's original tasks for the DLN paper's BBH protocol (dln_ens/data/bigbench.py)
+for t in navigate date_understanding hyperbaton logical_deduction/seven_objects; do
+  fetch google/BIG-bench "bigbench/benchmark_tasks/$t/task.json" "bigbench/$t/task.json"
 done
 
 if [ -n "$FAILED" ]; then

@@ -22,7 +22,7 @@ def num_tokens(target: str) -> int:
 class ScriptedLM:
     """generate: ``gen(prompt, index_in_call, seed, temperature)``; score: ``logp(context,
     target)`` with ``num_tokens`` = words of the target; next_token_logprobs: ``logp(context,
-    " " + candidate)``. Counts calls; ``fail_after`` raises after that many calls (to simulate
+    " " + candidate)`` (alternatives "a|A" combined by ``aggregate``). Counts calls; ``fail_after`` raises after that many calls (to simulate
     an interrupted run)."""
 
     def __init__(self, name="fake", gen=None, logp=None, fail_after=None):
@@ -46,9 +46,12 @@ class ScriptedLM:
         self._count("score", len(contexts))
         return [Score(logprob=self.logp(c, t), num_tokens=num_tokens(t)) for c, t in zip(contexts, targets)]
 
-    def next_token_logprobs(self, contexts, candidates):
+    def next_token_logprobs(self, contexts, candidates, *, aggregate="max"):
+        """Each alternative of a candidate ("a|A") is one token, its forms " a" and "a" alike."""
         self._count("next_token_logprobs", len(contexts))
-        return np.asarray([[self.logp(c, " " + k) for k in candidates] for c in contexts])
+        combine = np.logaddexp.reduce if aggregate == "sum" else np.max
+        return np.asarray([[combine([self.logp(c, " " + a) for a in k.split("|")]) for k in candidates]
+                           for c in contexts])
 
 
 class TokenizingLM(ScriptedLM):
@@ -72,9 +75,9 @@ class TokenizingLM(ScriptedLM):
         self.scored_tokens += sum(num_tokens(t) for t in targets)
         return super().score(contexts, targets)
 
-    def next_token_logprobs(self, contexts, candidates):
+    def next_token_logprobs(self, contexts, candidates, **kwargs):
         self.received += list(contexts)
-        return super().next_token_logprobs(contexts, candidates)
+        return super().next_token_logprobs(contexts, candidates, **kwargs)
 
 
 def cut(text: str, stop) -> str:

@@ -125,7 +125,7 @@ class KeyedLM:
         self.seen += contexts
         return [Score(logprob=-float(len(c) * 7 + len(t)), num_tokens=len(t)) for c, t in zip(contexts, targets)]
 
-    def next_token_logprobs(self, contexts, candidates):
+    def next_token_logprobs(self, contexts, candidates, *, aggregate="max"):
         self.seen += contexts
         return np.array([[-float(len(c) + j) for j in range(len(candidates))] for c in contexts])
 

@@ -28,7 +28,9 @@ def toy_task() -> Task:
 
 
 def class_ll(lm, ctx, target, classes):
-    lps = lm.next_token_logprobs([ctx], classes)[0]
+    """The reference's class scoring (the default): the forms' distinct first tokens summed
+    (`next_token_logprobs` itself is checked against the model in test_hf)."""
+    lps = lm.next_token_logprobs([ctx], classes, aggregate="sum")[0]
     return lps[classes.index(target)] - math.log(sum(math.exp(v) for v in lps))
 
 

@@ -1,5 +1,6 @@
 """EnsembleLanguageModel against slow, obviously-correct loops written here: every step
 re-tokenises the whole text for every non-main member and runs every member from scratch."""
+import math
 import random
 
 import pytest
@@ -203,6 +204,21 @@ def test_next_token_distribution_and_logprobs(members, matdir):
                 assert whole[:len(ctx)] == ctx
                 firsts.append(whole[len(ctx)])
             assert lp[i, j] == pytest.approx(max(float(dist[i, t]) for t in firsts), abs=1e-6)
+    contexts = PROMPTS[:2] + ["Answer: "]
+    dist = ens.next_token_distribution(contexts)
+    for aggregate in ("sum", "max"):   # forms of "yes|Yes" and "no": distinct first tokens, once each
+        lp = ens.next_token_logprobs(contexts, ["yes|Yes", "no"], aggregate=aggregate)
+        for i, p in enumerate(contexts):
+            ctx = main.encode(p)
+            for j, cand in enumerate(["yes|Yes", "no"]):
+                firsts = set()
+                for v in [w for a in cand.split("|") for w in (" " + a, a)]:
+                    whole = main.encode(p + v)
+                    ok = whole[:len(ctx)] == ctx and len(whole) > len(ctx)
+                    firsts.add(whole[len(ctx)] if ok else main.tokenizer(v, add_special_tokens=False)["input_ids"][0])
+                probs = [math.exp(float(dist[i, t])) for t in firsts]
+                want = math.log(sum(probs) if aggregate == "sum" else max(probs))
+                assert lp[i, j] == pytest.approx(want, abs=1e-5)
 
 
 def test_union_and_main_methods_generate(members, matdir):

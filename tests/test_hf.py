@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -209,6 +210,35 @@ def test_next_token_logprobs_matches_direct_computation(lm):
             word = cand.strip()
             firsts = {lm.encode(p + v)[len(ctx)] for v in (" " + word, word)}
             assert got[i, j] == pytest.approx(max(last[t].item() for t in firsts), abs=1e-4)
+
+
+def hand_first_token(lm, context: str, form: str) -> int:
+    """The token a form starts with after a context: the first beyond the context's tokens, or
+    the form's own first token when the context's tokens are not a prefix."""
+    ctx, whole = lm.encode(context), lm.encode(context + form)
+    if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
+        return whole[len(ctx)]
+    return lm.tokenizer(form, add_special_tokens=False)["input_ids"][0]
+
+
+def test_next_token_logprobs_sum_counts_each_distinct_token_once(lm):
+    """"sum": log of the total probability of the distinct first tokens of every form (alternatives
+    "a|A", with and without a leading space); a context ending in a space gives " Yes" and "Yes"
+    the same token under SentencePiece (counted once); "Yes." starts like "Yes"."""
+    contexts = PROMPTS[:2] + ["Answer: "]
+    candidates = ["Yes|Yes.", "No|no", "(A)"]
+    shared = False
+    for aggregate in ("sum", "max"):
+        got = lm.next_token_logprobs(contexts, candidates, aggregate=aggregate)
+        for i, p in enumerate(contexts):
+            probs = torch.exp(full_logprobs(lm.model, lm.encode(p))[-1]).double()
+            for j, cand in enumerate(candidates):
+                forms = [v for a in cand.split("|") for v in (" " + a, a)]
+                firsts = [hand_first_token(lm, p, v) for v in forms]
+                shared |= len(set(firsts)) < len(firsts)
+                want = sum(probs[t] for t in set(firsts)) if aggregate == "sum" else max(probs[t] for t in firsts)
+                assert got[i, j] == pytest.approx(math.log(float(want)), abs=1e-4)
+    assert shared, "some forms share a first token, so counting them twice would fail the test"
 
 
 def test_forward_is_the_only_model_hook(tiny_gpt2_dir):

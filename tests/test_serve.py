@@ -79,6 +79,10 @@ def test_client_over_server_equals_in_process(which, request):
         classes = ["Yes", "No", "(A)"]
         np.testing.assert_allclose(c.next_token_logprobs(CONTEXTS[:3], classes),
                                    lm.next_token_logprobs(CONTEXTS[:3], classes), atol=1e-4)
+        for aggregate in ("sum", "max"):   # "Yes." starts with "Yes"'s token: told apart by its echoed text
+            np.testing.assert_allclose(c.next_token_logprobs(CONTEXTS[:3], ["Yes|Yes.", "No"], aggregate=aggregate),
+                                       lm.next_token_logprobs(CONTEXTS[:3], ["Yes|Yes.", "No"], aggregate=aggregate),
+                                       atol=1e-4)
 
 
 def test_client_with_tokenizer_is_exact_where_text_cannot_be(llama, tiny_llama_dir):
@@ -92,6 +96,11 @@ def test_client_with_tokenizer_is_exact_where_text_cannot_be(llama, tiny_llama_d
         assert [s.logprob for s in got] == pytest.approx([s.logprob for s in want], abs=1e-4)
         np.testing.assert_allclose(c.next_token_logprobs(ctx, ["es", "No"]),
                                    llama.next_token_logprobs(ctx, ["es", "No"]), atol=1e-4)
+        ctx = ["Answer: ", "Answer:"]   # after "Answer: ", " Yes" and "Yes" start with the same token
+        for aggregate in ("sum", "max"):
+            np.testing.assert_allclose(c.next_token_logprobs(ctx, ["Yes|yes", "No"], aggregate=aggregate),
+                                       llama.next_token_logprobs(ctx, ["Yes|yes", "No"], aggregate=aggregate),
+                                       atol=1e-4)
 
 
 def reference_token_logprobs(lm, ids: list[int]) -> list[float]:

@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 
 from dln_ens.data.answers import AliasTask, Answer, normalize_choice, normalize_number, normalize_qa  # noqa: F401
+from dln_ens.data.bigbench import bigbench_splits, task_json
 from dln_ens.data.records import DataError, read_json_records, read_jsonl_records
 from dln_ens.data.registry import register_task
 from dln_ens.data.task import Example, Task, normalize_answer
@@ -86,8 +87,18 @@ BBH = {
 }
 
 
-def load_bbh(task: str, root: str = DEFAULT_ROOT, seed: int = 0) -> Task:
-    """Shuffled with ``seed``: 40% train, 20% dev, 40% test (100/50/100 of 250)."""
+def load_bbh(task: str, root: str = DEFAULT_ROOT, seed: int = 0, protocol: str | None = None,
+             bigbench: str | None = None) -> Task:
+    """``protocol`` "bbh" (the default without ``bigbench``): the BBH file shuffled with
+    ``seed``: 40% train, 20% dev, 40% test (100/50/100 of 250). "bigbench" (the DLN paper's;
+    the default when ``bigbench`` is given): train and dev from BIG-bench's task.json under
+    ``bigbench`` (default ``<root>/bigbench``) without the BBH examples, test = the BBH file
+    (`data.bigbench`). A missing BIG-bench file is an error, never a fall-back to "bbh"."""
+    protocol = protocol or ("bigbench" if bigbench is not None else "bbh")
+    if protocol not in ("bbh", "bigbench"):
+        raise DataError(f"bbh/{task}: \"protocol\" must be \"bbh\" or \"bigbench\", got {protocol!r}")
+    if bigbench is not None and protocol != "bigbench":
+        raise DataError(f"bbh/{task}: \"bigbench\" is set but \"protocol\" is \"bbh\"; drop one of them")
     path = Path(root) / "bbh" / f"{task}.json"
     recs = read_json_records(path, {"input": str, "target": str}, key="examples")
     kind, instruction = BBH[task]
@@ -110,10 +121,19 @@ def load_bbh(task: str, root: str = DEFAULT_ROOT, seed: int = 0) -> Task:
         for (line, _), e in zip(recs, examples):
             if e.target not in classes:
                 raise DataError(f"{path}:{line}: target {e.target!r} is not one of {classes}")
-    n = len(examples)
-    train, dev, test = _cut(_shuffled(examples, f"bbh/{task}", seed), (n * 2 // 5, n // 5, n))
+    meta = {"source": str(path), "seed": seed, "protocol": protocol}
+    if protocol == "bigbench":
+        folder = Path(bigbench) if bigbench is not None else Path(root) / "bigbench"
+        train, dev, test = bigbench_splits(task, folder, examples, path, seed)
+        if kind == "mc":   # BIG-bench may offer more options than BBH's examples show
+            letters = {m[1] for e in train + dev for m in re.findall(r"^(\([A-Z]\))", e.input, re.M)}
+            classes = [f"({chr(c)})" for c in range(ord("A"), ord(max(letters | {classes[-1][1]})) + 1)]
+        meta["bigbench"] = str(task_json(task, folder))
+    else:
+        n = len(examples)
+        train, dev, test = _cut(_shuffled(examples, f"bbh/{task}", seed), (n * 2 // 5, n // 5, n))
     return Task(f"bbh/{task}", instruction, train, dev, test, classes=classes, normalize=normalize,
-                description=f"BIG-Bench-Hard {task}", meta={"source": str(path), "seed": seed})
+                description=f"BIG-Bench-Hard {task}", meta=meta)
 
 
 for _name in BBH:

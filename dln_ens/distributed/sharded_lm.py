@@ -94,12 +94,12 @@ class ShardedLanguageModel:
         return self._sharded("score", list(contexts), lambda idx: self.inner.score(
             [contexts[i] for i in idx], [targets[i] for i in idx]))
 
-    def next_token_logprobs(self, contexts: list[str], candidates: list[str]) -> np.ndarray:
+    def next_token_logprobs(self, contexts: list[str], candidates: list[str], **kwargs) -> np.ndarray:
         if not self.procs.distributed:
             return self._direct("next_token_logprobs", len(contexts),
-                                lambda: self.inner.next_token_logprobs(contexts, candidates))
+                                lambda: self.inner.next_token_logprobs(contexts, candidates, **kwargs))
         rows = self._sharded("next_token_logprobs", list(contexts), lambda idx: list(np.asarray(
-            self.inner.next_token_logprobs([contexts[i] for i in idx], candidates))))
+            self.inner.next_token_logprobs([contexts[i] for i in idx], candidates, **kwargs))))
         return np.stack(rows) if rows else np.zeros((0, len(candidates)))
 
 

@@ -65,9 +65,9 @@ class CountingLM:
             self.tokens["prompt"] += sum(int(s.num_tokens) for s in out)
         return out
 
-    def next_token_logprobs(self, contexts, candidates):
+    def next_token_logprobs(self, contexts, candidates, **kwargs):
         out = self._timed("next_token_logprobs", len(contexts), self.inner.next_token_logprobs,
-                          contexts, candidates)
+                          contexts, candidates, **kwargs)
         self._count(list(contexts))
         return out
 
@@ -98,7 +98,8 @@ class OneAtATimeLM:
     def score(self, contexts, targets):
         return [self.inner.score([c], [t])[0] for c, t in zip(contexts, targets)]
 
-    def next_token_logprobs(self, contexts, candidates):
+    def next_token_logprobs(self, contexts, candidates, **kwargs):
         if not contexts:
             return np.zeros((0, len(candidates)))
-        return np.concatenate([np.asarray(self.inner.next_token_logprobs([c], candidates)) for c in contexts])
+        return np.concatenate([np.asarray(self.inner.next_token_logprobs([c], candidates, **kwargs))
+                               for c in contexts])

@@ -53,12 +53,12 @@ class OutputLayer:
 
     def __init__(self, template: DLNTemplate, backend: LanguageModel, prompt: str,
                  classes: list[str] | None = None, max_new_tokens: int = 16,
-                 length_normalize: bool = True, class_aggregation: str = "sum"):
+                 length_normalize: bool = True, class_aggregation: str = "sum", space_variants: str = "sum"):
         self.template, self.backend, self.prompt = template, backend, prompt
         self.classes = list(classes) if classes else None
         self.max_new_tokens = max_new_tokens
         self.length_normalize = length_normalize
-        self.class_aggregation = class_aggregation
+        self.class_aggregation, self.space_variants = class_aggregation, space_variants
         self.class_mode = class_scoring_mode(self.classes) if self.classes else None
 
     def render(self, prompt: str, x: str, h: str | None = None) -> str:
@@ -85,7 +85,8 @@ class OutputLayer:
         cache = cache or CallCache()
         contexts = self._contexts(prompts, inputs, hs)
         if self.classes:
-            lp = class_logprobs(self.backend, contexts, self.classes, cache, self.class_aggregation)
+            lp = class_logprobs(self.backend, contexts, self.classes, cache, self.class_aggregation,
+                                self.space_variants)
             return [verbalizers(self.classes[i])[0] for i in np.argmax(lp, axis=1)]
         out = generate(self.backend, contexts, max_new_tokens=self.max_new_tokens,
                        stop=self.template.stop, temperature=0.0, seed=None)
@@ -98,7 +99,8 @@ class OutputLayer:
         cache = cache or CallCache()
         contexts = self._contexts(prompts, inputs, hs)
         if self.classes:
-            lp = class_logprobs(self.backend, contexts, self.classes, cache, self.class_aggregation)
+            lp = class_logprobs(self.backend, contexts, self.classes, cache, self.class_aggregation,
+                                self.space_variants)
             return class_log_likelihood(lp, self.class_index(targets)), np.exp(log_softmax(lp, axis=1))
         out = cache.score(self.backend, contexts, [" " + t for t in targets])
         return np.asarray([_per_token(lp, n, self.length_normalize) for lp, n in out]), None

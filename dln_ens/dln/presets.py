@@ -5,6 +5,11 @@ settings of the DLN reference's run scripts, microsoft/deep-language-networks
 `settings_for(cfg, layers, task)` gives the settings one system trains with: under `paper`, every
 key the config file did not set takes the reference's value for that depth and task. Keys the
 file sets always win, so a paper run can still be shortened (e.g. `"num_test": 100`).
+
+The paper's BBH data protocol (train and dev from BIG-bench outside BBH, test = BBH;
+`data.bigbench`) is a property of the task's data, not of a preset: a config opts in with
+`"task_kwargs": {"bigbench": "<BIG-bench benchmark_tasks folder>"}` (or `"protocol": "bigbench"`
+for the default `<root>/bigbench`), under either preset; a missing BIG-bench file stops the run.
 """
 from __future__ import annotations
 

@@ -97,7 +97,8 @@ def build_system(system: DLNSystem, dcfg: DLNConfig, task: Task, get_backend, li
     out_tpl = library.get(dcfg.output_template if system.layers == 1 else dcfg.residual_template)
     output = OutputLayer(out_tpl, out_backend,
                          dcfg.output_prompt if dcfg.output_prompt is not None else task.instruction,
-                         task.classes, dcfg.output_max_new_tokens, dcfg.length_normalize, dcfg.class_aggregation)
+                         task.classes, dcfg.output_max_new_tokens, dcfg.length_normalize, dcfg.class_aggregation,
+                         dcfg.space_variants)
     hidden = posterior = None
     if system.layers == 2:
         newline = ("\n",) if dcfg.hidden_stop_at_newline else ()
@@ -255,7 +256,8 @@ def _run_baselines(dcfg, results, plan: RunPlan, get_backend, run_dir, resume) -
                 counter = get_backend(r["backend"])
                 before = counter.token_snapshot()
                 layer = OutputLayer(plan.library.get(dcfg.output_template), counter, task.instruction, task.classes,
-                                    dcfg.output_max_new_tokens, dcfg.length_normalize, dcfg.class_aggregation)
+                                    dcfg.output_max_new_tokens, dcfg.length_normalize, dcfg.class_aggregation,
+                                    dcfg.space_variants)
                 row = evaluate_baseline(layer, task, test, k, dcfg.seed)
                 after = counter.token_snapshot()
                 done[key] = {"task": r["task"], "backend": r["backend"], "shots": k, "num_test": len(test),

@@ -318,9 +318,10 @@ class EnsembleLanguageModel:
             out[idx] = EnsembleState(self, texts, [main.nonempty(ids) for ids in main.encode_many(texts)]).fused().cpu()
         return out
 
-    def next_token_logprobs(self, contexts: list[str], candidates: list[str]) -> np.ndarray:
-        """One fused step per context; candidates tokenised by the main member exactly as
-        `HFLanguageModel.next_token_logprobs` does (max over with / without a leading space)."""
-        check_candidates(candidates)  # before the fused step, which is costly
+    def next_token_logprobs(self, contexts: list[str], candidates: list[str], *,
+                            aggregate: str = "max") -> np.ndarray:
+        """One fused step per context; candidates tokenised by the main member and their forms
+        combined exactly as `HFLanguageModel.next_token_logprobs` does (see `lm.candidates`)."""
+        check_candidates(candidates, aggregate)  # before the fused step, which is costly
         return candidate_logprobs(self.main_member, self.next_token_distribution(contexts),
-                                  contexts, candidates)
+                                  contexts, candidates, aggregate)

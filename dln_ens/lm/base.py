@@ -38,9 +38,14 @@ class LanguageModel(Protocol):
         """Teacher-forced log-likelihood of each target after its context."""
         ...
 
-    def next_token_logprobs(self, contexts: list[str], candidates: list[str]) -> np.ndarray:
+    def next_token_logprobs(self, contexts: list[str], candidates: list[str], *,
+                            aggregate: str = "max") -> np.ndarray:
         """(len(contexts), len(candidates)) log-probability of each candidate as the next
-        piece of text (its first token, with and without a leading space)."""
+        piece of text: the first tokens of its forms (each alternative of "a|A", with and
+        without a leading space), combined by ``aggregate``: "max" the largest log-prob, "sum"
+        the total probability of the distinct tokens (`lm.candidates`). A backend without the
+        keyword still serves "max" class scoring (``"space_variants": "max"``); "sum" refuses
+        it by name (`scoring.require_aggregate`)."""
         ...
 
 

@@ -313,8 +313,10 @@ class HFLanguageModel:
         return out
 
     @torch.inference_mode()
-    def next_token_logprobs(self, contexts: list[str], candidates: list[str]) -> np.ndarray:
-        """[len(contexts), len(candidates)] log-probability of each candidate as the next text
-        (see `candidate_logprobs`). One forward pass per batch of contexts."""
-        check_candidates(candidates)  # before the forward passes
-        return candidate_logprobs(self, self.next_token_distribution(contexts), contexts, candidates)
+    def next_token_logprobs(self, contexts: list[str], candidates: list[str], *,
+                            aggregate: str = "max") -> np.ndarray:
+        """[len(contexts), len(candidates)] log-probability of each candidate as the next text,
+        its forms combined by ``aggregate`` (see `lm.candidates`). One forward pass per batch of
+        contexts."""
+        check_candidates(candidates, aggregate)  # before the forward passes
+        return candidate_logprobs(self, self.next_token_distribution(contexts), contexts, candidates, aggregate)

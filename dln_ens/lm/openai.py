@@ -8,8 +8,10 @@ endpoint (vLLM, SGLang, llama.cpp server, OpenAI, `dln-ens serve`), with httpx.
   are found by character offsets with `HFLanguageModel.split_pairs`' boundary rule (`lm.echo`).
   With a local ``tokenizer`` (the served model's), prompts go as token ids split exactly as
   `split_pairs` does, so the result is the in-process ``score`` of that model.
-- ``next_token_logprobs``: exact, each candidate's " cand" and "cand" scored as a target and the
-  first target token's log-prob read (never looked up in a top-k list); max over the two.
+- ``next_token_logprobs``: exact, each form of a candidate (" cand", "cand", per alternative
+  "a|A") scored as a target and the first target token's log-prob read (never looked up in a
+  top-k list); combined by ``aggregate`` as `lm.candidates` says. Without a ``tokenizer``, two
+  forms start with the same token when their echoed first tokens have the same text.
 
 At most ``concurrency`` requests are in flight. 429, 5xx, timeouts and refused connections are
 retried ``max_retries`` times with exponential backoff (``backoff`` * 2^attempt seconds, capped
@@ -174,6 +176,11 @@ class OpenAILanguageModel:
 
     def target_logprobs(self, contexts: list[str], targets: list[str]) -> list[list[float]]:
         """Per pair, the log-prob of each of the target's tokens (see the module docstring)."""
+        return [lps for _, lps in self._echo_targets(contexts, targets)]
+
+    def _echo_targets(self, contexts: list[str], targets: list[str]) -> list[tuple[str | None, list[float]]]:
+        """Per pair, the echoed text of the target's first token (None for an empty target or
+        when the server returns no token texts) and the log-prob of each of its tokens."""
         if len(contexts) != len(targets):
             raise ValueError(f"{len(contexts)} contexts but {len(targets)} targets")
         body = {"max_tokens": self.echo_max_tokens, "echo": True, "logprobs": 1, "temperature": 0.0}
@@ -185,7 +192,7 @@ class OpenAILanguageModel:
         else:
             todo = [i for i, t in enumerate(targets) if t]
             choices = self.complete([contexts[i] + targets[i] for i in todo], body)
-        out = [[] for _ in contexts]
+        out = [(None, []) for _ in contexts]
         for k, (i, choice) in enumerate(zip(todo, choices)):
             lp = self._logprobs(choice)
             try:
@@ -194,7 +201,9 @@ class OpenAILanguageModel:
                                           self.echo_max_tokens)
                 else:
                     spans_k = spans[k]
-                out[i] = span_logprobs(lp["token_logprobs"], *spans_k)
+                texts = lp.get("tokens") or []
+                out[i] = (texts[spans_k[0]] if spans_k[0] < len(texts) else None,
+                          span_logprobs(lp["token_logprobs"], *spans_k))
             except EchoError as e:
                 raise EndpointError(f"{self._who()}: cannot read the echoed log-probs of context "
                                     f"{contexts[i][-40:]!r} + target {targets[i][:40]!r}: {e}. Set \"tokenizer\" "
@@ -204,21 +213,24 @@ class OpenAILanguageModel:
     def score(self, contexts: list[str], targets: list[str]) -> list[Score]:
         return [Score(float(sum(lps)), len(lps)) for lps in self.target_logprobs(contexts, targets)]
 
-    def next_token_logprobs(self, contexts: list[str], candidates: list[str]) -> np.ndarray:
-        from dln_ens.lm.candidates import candidate_first_tokens, candidate_variants, check_candidates
-        check_candidates(candidates)
-        variants = candidate_variants(candidates)
-        shape = (len(contexts), len(candidates), 2)
-        if self.tokens is None:
-            lps = self.target_logprobs([c for c in contexts for _ in variants], variants * len(contexts))
-            return np.array([x[0] for x in lps], dtype=np.float64).reshape(shape).max(-1)
-        first = candidate_first_tokens(self.tokens, contexts, candidates).tolist()
+    def next_token_logprobs(self, contexts: list[str], candidates: list[str], *,
+                            aggregate: str = "max") -> np.ndarray:
+        from dln_ens.lm.candidates import aggregate_forms, check_candidates, form_first_tokens, forms_of
+        check_candidates(candidates, aggregate)
+        forms, spans = forms_of(candidates)
+        shape = (len(contexts), len(forms))
+        if self.tokens is None:   # tokens told apart by their echoed text
+            reads = self._echo_targets([c for c in contexts for _ in forms], forms * len(contexts))
+            keys = [[reads[i * len(forms) + j][0] for j in range(len(forms))] for i in range(len(contexts))]
+            lps = np.array([x[1][0] for x in reads], dtype=np.float64).reshape(shape)
+            return aggregate_forms(keys, lps, spans, aggregate)
+        first = form_first_tokens(self.tokens, contexts, forms).tolist()
         ctxs = [self.tokens.nonempty(ids) for ids in self.tokens.encode_many(contexts)]
         prompts = [ctx + [tok] for ctx, row in zip(ctxs, first) for tok in row]
         body = {"max_tokens": self.echo_max_tokens, "echo": True, "logprobs": 1, "temperature": 0.0}
         choices = self.complete(prompts, body)
         lps = [self._logprobs(ch)["token_logprobs"][len(p) - 1] for p, ch in zip(prompts, choices)]
-        return np.array(lps, dtype=np.float64).reshape(shape).max(-1)
+        return aggregate_forms(first, np.array(lps, dtype=np.float64).reshape(shape), spans, aggregate)
 
 
 def _server_message(r: httpx.Response) -> str:
