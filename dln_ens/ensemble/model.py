@@ -292,17 +292,27 @@ class EnsembleLanguageModel:
         return out
 
     @torch.inference_mode()
-    def _score_onepass(self, rows: list[tuple[str, list[int], list[int]]]) -> list[float]:
-        """Summed fused log-probs of (context text, context ids, target ids) rows, one fusion call."""
+    def forced_member_logits(self, rows: list[tuple[str, list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """Teacher forcing over (context text, context ids, target ids) rows: per member the fusion
+        reads, its next-token logits before every target token, [sum of target lengths, V_member]
+        (pair by pair). The main member is conditioned on the ids; every other member on its own
+        tokenisation of the text before the token, as in generation, in one pass (`onepass`)."""
         main = self.main_member
         logits = {self.main: logits_at(main, [c + t[:-1] for _, c, t in rows], [tuple(c) for _, c, _ in rows],
                                        [range(len(c) - 1, len(c) + len(t) - 1) for _, c, t in rows])}
         if self.others:
-            prefixes = [prefix_texts(x, [self.surfaces[k] or b"" for k in t]) for x, _, t in rows]
+            surface = lambda k: (self.surfaces[k] if k < len(self.surfaces) else None) or b""   # noqa: E731
+            prefixes = [prefix_texts(x, [surface(k) for k in t]) for x, _, t in rows]
             for n in self.others:
                 reads = member_reads(self.members[n].tokenizer, prefixes, [x for x, _, _ in rows], window=self.window,
                                      verify=self.verify_alignment, name=n)
                 logits[n] = logits_at(self.members[n], reads.seqs, reads.groups, reads.wanted, order=reads.order)
+        return logits
+
+    @torch.inference_mode()
+    def _score_onepass(self, rows: list[tuple[str, list[int], list[int]]]) -> list[float]:
+        """Summed fused log-probs of (context text, context ids, target ids) rows, one fusion call."""
+        logits = self.forced_member_logits(rows)
         P = len(logits[self.main])   # the fusion is row-independent: blocks keep its temporaries small
         fused = torch.cat([self.fusion({n: x[a:a + FUSION_ROWS] for n, x in logits.items()})
                            for a in range(0, P, FUSION_ROWS)])

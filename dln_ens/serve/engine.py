@@ -10,7 +10,8 @@ logits) or an `EnsembleLanguageModel` (the fused distribution over the main memb
   teacher-forced over prompt + generated ids. HF: one forward pass. Ensemble: the fused
   distribution before every token, each member conditioned as `EnsembleLanguageModel.score`
   conditions it (the main member on the ids, the others on their own tokenisation of the text
-  before the position), with one forward per member and one batched fusion (`member_rows`).
+  before the position), as the ensemble's one-pass score reads them
+  (`EnsembleLanguageModel.forced_member_logits`), and one batched fusion.
   Scoring starts at the first position with text before it: after a BOS token the first text
   token has no log-prob (the other members would see no text). ``logprobs: 0`` without echo
   returns the decoding's own log-probs, no recompute.
@@ -22,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dln_ens.ensemble.align import visible_text
 from dln_ens.errors import UserError
-from dln_ens.lm.batching import chunks, pad, positions
+from dln_ens.lm.batching import chunks
+from dln_ens.lm.forced import logits_at
 from dln_ens.lm.hf import PROMPT_TAIL
 from dln_ens.lm.sampling import sampling_seeds
 from dln_ens.lm.stopping import continuation_texts, cut_at_stop, first_stop
@@ -39,46 +40,18 @@ FUSION_ROWS = 256   # positions fused per call (bounds the fusion's memory)
 
 def every_position(lm, seqs: list[list[int]]) -> list[torch.Tensor]:
     """Per sequence, the float32 logits [len(s), V] after each of its prefixes (row i predicts
-    token i + 1), right-padded batches of ``lm.batch_size`` through ``lm.forward``."""
+    token i + 1): `lm.forced.logits_at`, batches of ``lm.batch_size``."""
     out = [None] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i])   # neighbours share prefixes
     for idx in chunks(order, lm.batch_size):
         rows = [seqs[i] for i in idx]
         lm.check_length(max(map(len, rows)), "a prompt")
-        ids, mask = pad(rows, lm.pad_token_id, "right", lm.device)
-        logits, _ = lm.forward(ids, mask, None, positions(mask, ids.shape[1]))
-        for j, i in enumerate(idx):
-            out[i] = logits[j, :len(rows[j])]
+        logits = logits_at(lm, rows, list(range(len(rows))), [range(len(s)) for s in rows])
+        at = 0
+        for i, s in zip(idx, rows):
+            out[i] = logits[at:at + len(s)]
+            at += len(s)
     return out
-
-
-def member_rows(member, name: str, prefixes: list[list[str]]) -> torch.Tensor:
-    """[sum of len(p), V] the member's next-token logits after each prefix text, tokenised with
-    its own tokenizer (special tokens included, as an ensemble's `TokenTrack` does)."""
-    flat = [t for texts in prefixes for t in texts]
-    enc = member.encode_many(flat)
-    if any(not ids for ids in enc):
-        raise ValueError(f"member {name!r} encodes a context to no tokens; give a non-empty context")
-    longest, at = [], 0
-    for texts in prefixes:
-        at += len(texts)
-        longest.append(enc[at - 1])
-    full = every_position(member, longest)
-    rows, missing, at = [None] * len(flat), [], 0
-    for f, texts in zip(full, prefixes):
-        whole = enc[at + len(texts) - 1]
-        for j in range(len(texts)):
-            ids = enc[at + j]
-            if whole[:len(ids)] == ids:
-                rows[at + j] = f[len(ids) - 1]
-            else:
-                missing.append(at + j)
-        at += len(texts)
-    for idx in chunks(missing, member.batch_size):
-        logits, _, _ = member.prefill([enc[r] for r in idx])
-        for r, row in zip(idx, logits):
-            rows[r] = row
-    return torch.stack(rows)
 
 
 @dataclass
@@ -196,33 +169,21 @@ class Engine:
         """The fused distribution before every token from position k on, as the decoding loop of
         `EnsembleLanguageModel.score` conditions the members (the main member on the ids, every
         other member on its tokenisation of the visible text before the position), computed with
-        one forward per member over each sequence: a prefix's distribution is read where the
-        member's tokenisation of the prefix text is a prefix of its tokenisation of the longest
-        one (a causal LM's logits there depend on those tokens only), else recomputed."""
+        the one-pass teacher forcing of the ensemble's score (`forced_member_logits`)."""
         lm = self.lm
         starts = [self._ensemble_start(s, t) for s, t in zip(seqs, texts)]
         todo = [i for i, s in enumerate(seqs) if starts[i][0] < len(s)]
         out = [None] * len(seqs)
-        if not todo:
-            return [k for k, _ in starts], out
-        mains = every_position(lm.main_member, [seqs[i] for i in todo])
-        per_member = {lm.main: torch.cat([x[starts[i][0] - 1:len(seqs[i]) - 1] for x, i in zip(mains, todo)])}
-        prefixes = []
-        for i in todo:
-            k, text = starts[i]
-            seen, texts_i = text.encode("utf-8"), []
-            for tok in seqs[i][k:]:
-                texts_i.append(visible_text(seen))
-                seen += (lm.surfaces[tok] if tok < len(lm.surfaces) else None) or b""   # as the decoding loop
-            prefixes.append(texts_i)
-        for n in lm.others:
-            per_member[n] = member_rows(lm.members[n], n, prefixes)
-        fused = torch.cat([lm.fusion({n: x[r:r + FUSION_ROWS] for n, x in per_member.items()})
-                           for r in range(0, len(per_member[lm.main]), FUSION_ROWS)])
-        at = 0
-        for i, texts_i in zip(todo, prefixes):
-            out[i] = fused[at:at + len(texts_i)]
-            at += len(texts_i)
+        for idx in chunks(todo, lm.batch_size):
+            lm.main_member.check_length(max(len(seqs[i]) for i in idx), "a prompt")
+            rows = [(starts[i][1], seqs[i][:starts[i][0]], seqs[i][starts[i][0]:]) for i in idx]
+            logits = lm.forced_member_logits(rows)
+            fused = torch.cat([lm.fusion({n: x[r:r + FUSION_ROWS] for n, x in logits.items()})
+                               for r in range(0, len(logits[lm.main]), FUSION_ROWS)])
+            at = 0
+            for i, (_, _, t) in zip(idx, rows):
+                out[i] = fused[at:at + len(t)]
+                at += len(t)
         return [k for k, _ in starts], out
 
     # ---- one batch of requests ------------------------------------------------------------------
