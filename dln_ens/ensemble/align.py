@@ -127,15 +127,20 @@ class TokenTrack:
         return j0, jc
 
     def _accept(self, text: str, j0: int, jc: int, w_ids: list[int], w_offs) -> bool:
-        """Take the window's tokenisation (of ``text[cc:]``) if its boundary at token j0 is stable."""
+        """Take the window's tokenisation (of ``text[cc:]``) if its boundary at token j0 is stable:
+        its tokens just before that boundary are tokens jc+1 .. j0-1, ids and spans, and it has
+        at least one token before them. That start is not compared: a tokenizer may tokenise a
+        text's beginning differently (SentencePiece normalizers prepend "▁" to every text they
+        encode, so the window can start with an extra token)."""
         c0, cc = self.offsets[j0][0], self.offsets[jc][0]
         w_offs = [(a + cc, b + cc) for a, b in w_offs]
         k = 0
         while k < len(w_ids) and w_offs[k][0] < c0:
             k += 1
-        if k < 2 or (k < len(w_ids) and w_offs[k][0] != c0) or w_offs[k - 1][1] > c0:
+        s = k - (j0 - jc - 1)   # where tokens jc+1 .. j0-1 must sit in the window
+        if s < 1 or (k < len(w_ids) and w_offs[k][0] != c0) or w_offs[k - 1][1] > c0:
             return False
-        if w_ids[1:k] != self.ids[jc + 1:j0] or w_offs[1:k] != self.offsets[jc + 1:j0]:
+        if w_ids[s:k] != self.ids[jc + 1:j0] or w_offs[s:k] != self.offsets[jc + 1:j0]:
             return False
         self.text, self.last_start = text, j0
         self.ids = self.ids[:j0] + w_ids[k:]
