@@ -172,7 +172,12 @@ def summed_logprobs(logits: torch.Tensor, targets: Sequence[Sequence[int]]) -> l
     """Per target, the sum of log_softmax(logits) at its tokens; ``logits`` [sum of lengths, V]
     holds the targets' positions one after the other."""
     flat = torch.tensor([t for tgt in targets for t in tgt], device=logits.device)
-    lp = torch.log_softmax(logits, -1).gather(1, flat[:, None])[:, 0]
+    return per_target_sums(torch.log_softmax(logits, -1).gather(1, flat[:, None])[:, 0], targets)
+
+
+def per_target_sums(lp: torch.Tensor, targets: Sequence[Sequence[int]]) -> list[float]:
+    """Per target, the sum of its tokens' entries of ``lp`` [sum of lengths] (targets one after
+    the other)."""
     seg = torch.repeat_interleave(torch.arange(len(targets), device=lp.device),
                                   torch.tensor([len(t) for t in targets], device=lp.device))
     return torch.zeros(len(targets), dtype=lp.dtype, device=lp.device).index_add(0, seg, lp).tolist()
