@@ -51,3 +51,24 @@ def test_logits_at_equals_each_prefix_run_alone(lm):
     rng.shuffle(order)
     shuffled = logits_at(lm, seqs, groups, wanted, order=order)
     assert torch.allclose(shuffled[order], want, atol=1e-4)
+
+
+def test_last_only_rows_branch_off_a_longer_row(lm):
+    """Rows read at their end only that share more than the stem with a fully read row (the
+    one-pass score's prefixes whose tokenisation differs from the whole text's in its last
+    tokens) run on top of that row's cache: still each prefix's logits run alone."""
+    rng = random.Random(1)
+    V = lm.vocab_size
+    stem = [rng.randrange(V) for _ in range(6)]
+    longs = [stem + [rng.randrange(V) for _ in range(n)] for n in (9, 5)]
+    seqs = [longs[0], longs[1]]
+    wanted = [[5, 7, 9, 12], [6, 8, 10]]   # row 0's cache holds 13 tokens, row 1's all 11
+    for base, cut, extra in ((0, 8, 1), (0, 12, 3), (0, 13, 2), (1, 11, 1), (1, 7, 4), (0, 14, 2), (1, 6, 1)):
+        seqs.append(longs[base][:cut] + [rng.randrange(V) for _ in range(extra)])
+        wanted.append([len(seqs[-1]) - 1])
+    seqs.append(longs[0][:10])            # a prefix of a long row, read at its end
+    wanted.append([9])
+    groups = ["g"] * len(seqs)
+    want = torch.stack([alone(lm.model, s[:j + 1]) for s, w in zip(seqs, wanted) for j in w])
+    got = logits_at(lm, seqs, groups, wanted)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()

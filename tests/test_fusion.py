@@ -144,3 +144,36 @@ def test_small_sparse_matrices_computed_densely_give_the_sparse_result(monkeypat
             as_sparse = make_fusion("deepen", names, "a", matrices=sparse, tail_mass=tail, max_support=32)
         assert as_sparse.matrices["a"].is_sparse
         assert torch.allclose(as_dense(logits), as_sparse(logits), atol=1e-5, rtol=0)
+
+
+def test_target_logprobs_read_the_fused_distribution(monkeypatch):
+    """A teacher-forced score reads one entry per row (`Fusion.target_logprobs`): deepen computes
+    it without the [B, V] distribution; it must equal that distribution's entry, for targets on
+    the support and in its tail, exact and support-restricted, sparse and dense."""
+    from dln_ens.fusion import deepen
+    names, dense, logits = setup(V=(300, 200, 250), A=40, B=6)
+    sparse = {n: dense_to_sparse(dense[n], 8) for n in names}
+    targets = torch.tensor([0, 299, 5, 17, 150, 64])
+    targets[:3] = logits["a"][:3].argmax(-1)   # on every support
+    for tail, dense_form in ((0.0, True), (1e-3, True), (1e-3, False), (0.3, False)):
+        with monkeypatch.context() as m:
+            if not dense_form:
+                m.setattr(deepen, "DENSE_ENTRIES", 0)
+            fuse = make_fusion("deepen", names, "a", matrices=sparse, tail_mass=tail, max_support=16)
+        want = fuse(logits).gather(1, targets[:, None])[:, 0]
+        assert torch.allclose(fuse.target_logprobs(logits, targets), want, atol=1e-5, rtol=0), (tail, dense_form)
+    main = make_fusion("main", names, "a")
+    assert torch.allclose(main.target_logprobs(logits, targets),
+                          torch.log_softmax(logits["a"], -1).gather(1, targets[:, None])[:, 0], atol=1e-6)
+
+
+def test_tail_logsumexp_at_several_scales():
+    from dln_ens.fusion.inverse import tail_logsumexp
+    g = torch.Generator().manual_seed(3)
+    x = -5 * torch.rand(3, 5000, generator=g)
+    x[0, ::3] = float("-inf")
+    x[2] = float("-inf")                       # an empty tail
+    scales = [1.0, 0.99, 0.5]
+    got = tail_logsumexp(x, scales, chunk=700)
+    want = torch.stack([torch.logsumexp(s * x, -1) for s in scales], -1)
+    assert torch.allclose(got, want, atol=1e-5) and torch.isneginf(got[2]).all()

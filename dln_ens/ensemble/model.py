@@ -49,7 +49,7 @@ from dln_ens.fusion.registry import fusion_class, fusion_settings, make_fusion
 from dln_ens.lm.base import Generation, Score, missing_member_parts
 from dln_ens.lm.batching import chunks
 from dln_ens.lm.context import ContextLengthError, cut_text_left
-from dln_ens.lm.forced import logits_at, summed_logprobs
+from dln_ens.lm.forced import logits_at, per_target_sums
 from dln_ens.lm.candidates import candidate_logprobs, check_candidates
 from dln_ens.lm.sampling import pick_tokens, sampling_seeds
 from dln_ens.lm.stopping import cut_at_stop, first_stop
@@ -314,9 +314,10 @@ class EnsembleLanguageModel:
         """Summed fused log-probs of (context text, context ids, target ids) rows, one fusion call."""
         logits = self.forced_member_logits(rows)
         P = len(logits[self.main])   # the fusion is row-independent: blocks keep its temporaries small
-        fused = torch.cat([self.fusion({n: x[a:a + FUSION_ROWS] for n, x in logits.items()})
-                           for a in range(0, P, FUSION_ROWS)])
-        return summed_logprobs(fused, [t for _, _, t in rows])
+        flat = torch.tensor([k for _, _, t in rows for k in t])
+        lp = torch.cat([self.fusion.target_logprobs({n: x[a:a + FUSION_ROWS] for n, x in logits.items()},
+                                                    flat[a:a + FUSION_ROWS]) for a in range(0, P, FUSION_ROWS)])
+        return per_target_sums(lp, [t for _, _, t in rows])
 
     @torch.inference_mode()
     def next_token_distribution(self, contexts: list[str]) -> torch.Tensor:

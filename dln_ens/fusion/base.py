@@ -126,6 +126,12 @@ class Fusion:
     def __call__(self, logits: dict[str, torch.Tensor], step: StepContext | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def target_logprobs(self, logits: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """[B] fused log-probability of token ``targets[b]`` in row b (what a teacher-forced
+        score reads); a method may compute it without forming the [B, V] distribution."""
+        fused = torch.log_softmax(self(logits), -1)
+        return fused.gather(1, targets.to(fused.device)[:, None])[:, 0]
+
     def describe(self) -> dict:
         """Settings as a results table shows them."""
         return {"method": self.name, **dataclasses.asdict(self.settings), **self.weighting.describe()}

@@ -79,9 +79,16 @@ class DeepenFusion(Fusion):
         return None if s.tail_mass <= 0 else top_mass_support(probs, s.tail_mass, s.max_support)
 
     def __call__(self, logits, step=None):
+        return self._fuse(logits, step)
+
+    def target_logprobs(self, logits, targets):
+        return self._fuse(logits, None, targets.to(self.device))
+
+    def _fuse(self, logits, step, targets=None):
         z = logits[self.main].to(self.device, torch.float32)
         if not self.search:
-            return torch.log_softmax(z, -1)
+            lp = torch.log_softmax(z, -1)
+            return lp if targets is None else lp.gather(1, targets[:, None])[:, 0]
         rels, main_support, main_rows = [], None, None
         for n in self.names:
             p = torch.softmax(logits[n].to(self.device, torch.float32), -1)
@@ -93,4 +100,4 @@ class DeepenFusion(Fusion):
         w = self.row_weights(logits, step)
         q = aggregate(rels, [w[:, i:i + 1] for i in range(len(self.names))])
         return deepen_inverse(z, q, self.matrices[self.main], self.settings.lr, self.settings.steps, main_support,
-                              main_rows)
+                              main_rows, targets=targets, r0=rels[self.names.index(self.main)])

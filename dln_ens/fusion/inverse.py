@@ -45,11 +45,37 @@ def cosine_lr(lr: float, t: int) -> float:
     return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * t / T_MAX)) / 2
 
 
+def decay_scales(lr: float, steps: int) -> list[float]:
+    """The tail's accumulated weight decay before each step and after the last ([steps + 1])."""
+    out = [1.0]
+    for t in range(steps):
+        out.append(out[-1] * (1.0 - cosine_lr(lr, t) * WEIGHT_DECAY))
+    return out
+
+
+def tail_logsumexp(tail: torch.Tensor, scales: list[float], chunk: int = 2048) -> torch.Tensor:
+    """[B, len(scales)]: ``log sum_i exp(s * tail[b, i])`` for each scale s, in one pass over
+    the tail (entries <= 0, -inf for none) in column chunks that stay in cache."""
+    B, V = tail.shape
+    acc = tail.new_zeros((B, len(scales)))
+    buf = tail.new_empty((B, min(chunk, V)))
+    for lo in range(0, V, chunk):
+        x = tail[:, lo:lo + chunk]
+        b = buf[:, :x.shape[1]]
+        for j, scale in enumerate(scales):
+            acc[:, j] += torch.mul(x, scale, out=b).exp_().sum(-1)
+    return acc.log_()
+
+
 def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: float = 0.15, steps: int = 5,
-                   support: Support | None = None,
-                   support_matrix_rows: SupportRows | None = None) -> torch.Tensor:
+                   support: Support | None = None, support_matrix_rows: SupportRows | None = None,
+                   targets: torch.Tensor | None = None, r0: torch.Tensor | None = None) -> torch.Tensor:
     """Fused log-probabilities [B, V] over the main vocabulary from main logits z [B, V] and the
     target anchor distribution q [B, A]. ``lr == 0`` or ``steps == 0``: the main member alone.
+    With ``targets`` [B] (token ids): only row b's log-probability of ``targets[b]``, [B]
+    (what a teacher-forced score reads; with a support, no [B, V] result is formed). ``r0``:
+    the relative representation of softmax(z) over the same support, if already computed (the
+    first step's r, equal to float rounding).
 
     The gradient is written out (no autograd graph, no optimizer object: a decoding step is
     small, their overhead is not): with L = sum_b mean_a q log(q / r), r = p @ R,
@@ -58,43 +84,46 @@ def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: floa
     checks it against torch's AdamW + KLDivLoss + CosineAnnealingLR on the reference loop."""
     z0 = z.detach().float()
     if lr == 0 or steps == 0:
-        return torch.log_softmax(z0, -1)
+        return _read(torch.log_softmax(z0, -1), targets)
     if z0.shape[-1] != mat.num_rows:
         raise ValueError(f"main logits width {z0.shape[-1]} != main matrix rows {mat.num_rows}")
     q = q.detach().float()
     A = mat.num_anchors
+    scales = decay_scales(lr, steps)
     if support is None:
         param = z0.clone()
     else:
         param = z0.gather(1, support.idx)
         rows, cols = support.valid.nonzero(as_tuple=True)
-        # the tail's logits relative to their max, and one buffer for exp(scale * them) (no
-        # [B, V] allocation per step): logsumexp(scale * tail) = scale * top + log(sum(...))
+        # the tail's logits relative to their max; the tail's logsumexp at every step's weight
+        # decay, in one pass: logsumexp(scale * tail) = scale * top + log(sum(exp(scale * (tail - top))))
         tail = z0.clone()
         tail[rows, support.idx[rows, cols]] = float("-inf")
         top = tail.max(-1, keepdim=True).values
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))   # an empty tail
         tail.sub_(top)
-        buf = torch.empty_like(tail)
+        tail_lse = tail_logsumexp(tail, scales if targets is not None else scales[:-1])
+        del tail
         mat_rows = support_matrix_rows or support_rows(support, mat)   # the same rows at every step
+        buf = q.new_empty((q.shape[0], A))
     m = torch.zeros_like(param)
     v = torch.zeros_like(param)
-    scale = 1.0   # the tail's accumulated weight decay
     for t in range(steps):
         if support is None:
             p = torch.softmax(param, -1)
-            r = to_relative(p, mat)
+            r = r0 if t == 0 and r0 is not None else to_relative(p, mat)
             g_p = relative_grad(-q / (A * r), mat)
             grad = p * (g_p - (p * g_p).sum(-1, keepdim=True))
         else:
             zs = param.masked_fill(~support.valid, float("-inf"))
-            torch.mul(tail, scale, out=buf)
-            lse_tail = buf.exp_().sum(-1, keepdim=True).log_() + scale * top
+            lse_tail = tail_lse[:, t:t + 1] + scales[t] * top
             lse = torch.logaddexp(torch.logsumexp(zs, -1, keepdim=True), lse_tail)
             p, p_tail = torch.exp(zs - lse), torch.exp(lse_tail - lse)
-            g_r = -q / (A * relative_from_support(p, support, mat, tail=p_tail[:, 0], rows=mat_rows))
-            g_p = relative_grad(g_r, mat, support, rows=mat_rows)
+            r = r0 if t == 0 and r0 is not None else relative_from_support(p, support, mat, tail=p_tail[:, 0],
+                                                                          rows=mat_rows, out=buf)
+            g_r = torch.div(q, r, out=buf).mul_(-1.0 / A)   # -q / (A r)
             g_tail = g_r.sum(-1, keepdim=True) / A
+            g_p = relative_grad(g_r, mat, support, rows=mat_rows, uniform=g_tail)
             grad = p * (g_p - (p * g_p).sum(-1, keepdim=True) - p_tail * g_tail)
         # torch.optim.AdamW's update, step t + 1
         lr_t = cosine_lr(lr, t)
@@ -103,9 +132,20 @@ def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: floa
         v.mul_(BETAS[1]).addcmul_(grad, grad, value=1 - BETAS[1])
         bc1, bc2 = 1 - BETAS[0] ** (t + 1), 1 - BETAS[1] ** (t + 1)
         param.addcdiv_(m, (v.sqrt() / math.sqrt(bc2)).add_(EPS), value=-lr_t / bc1)
-        scale *= 1.0 - lr_t * WEIGHT_DECAY
     if support is None:
-        return torch.log_softmax(param, -1)
-    out = torch.mul(z0, scale, out=buf)
+        return _read(torch.log_softmax(param, -1), targets)
+    scale = scales[steps]
+    if targets is not None:   # log softmax of [z0 * scale off the support, param on it] at the targets
+        zs = param.masked_fill(~support.valid, float("-inf"))
+        lse = torch.logaddexp(torch.logsumexp(zs, -1), tail_lse[:, steps] + scale * top[:, 0])
+        hit = (support.idx == targets[:, None]) & support.valid
+        inside = param.gather(1, hit.to(torch.uint8).argmax(-1, keepdim=True))[:, 0]
+        outside = z0.gather(1, targets[:, None])[:, 0] * scale
+        return torch.where(hit.any(-1), inside, outside) - lse
+    out = z0 * scale
     out[rows, support.idx[rows, cols]] = param[rows, cols]
     return torch.log_softmax(out, -1)
+
+
+def _read(logprobs: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+    return logprobs if targets is None else logprobs.gather(1, targets[:, None])[:, 0]

@@ -12,7 +12,7 @@ from typing import Hashable, Sequence
 
 import torch
 
-from dln_ens.lm.batching import common_prefix_len, pad, positions
+from dln_ens.lm.batching import common_prefix, common_prefix_len, pad, positions
 
 
 def prefill(member, seqs: Sequence[Sequence[int]]):
@@ -75,14 +75,18 @@ def logits_at(member, seqs: Sequence[Sequence[int]], groups: Sequence[Hashable],
         if max(wanted[i]) >= stem_len[g]:
             (last if set(wanted[i]) == {len(seqs[i]) - 1} else full).append(i)
     _copy_rows(out, dst, stem_logits, src)
+    lens = [max(wanted[i]) + 1 for i in full]   # tokens of each full row in its cache
+    branch = _branches(seqs, groups, stem_len, full, lens, last)
+    last = [i for i in last if i not in branch]
     if last:
         c = copy.deepcopy(cache) if full else cache
-        logits = _run_rests(member, c, mask, [stem_of[groups[i]] for i in last],
-                            [seqs[i][stem_len[groups[i]]:] for i in last], last_only=True)
+        logits, _, _ = _run_rests(member, c, mask, [stem_of[groups[i]] for i in last],
+                                  [seqs[i][stem_len[groups[i]]:] for i in last], last_only=True)
         _copy_rows(out, [place[starts[i] + len(wanted[i]) - 1] for i in last], logits, list(range(len(last))))
     if full:
-        logits = _run_rests(member, cache, mask, [stem_of[groups[i]] for i in full],
-                            [seqs[i][stem_len[groups[i]]:max(wanted[i]) + 1] for i in full], last_only=False)
+        stem_width = mask.shape[1]
+        logits, cache, mask = _run_rests(member, cache, mask, [stem_of[groups[i]] for i in full],
+                                         [seqs[i][stem_len[groups[i]]:n] for i, n in zip(full, lens)], last_only=False)
         width = logits.shape[1]
         dst, src = [], []
         for r, i in enumerate(full):
@@ -91,19 +95,65 @@ def logits_at(member, seqs: Sequence[Sequence[int]], groups: Sequence[Hashable],
                     dst.append(place[starts[i] + k])
                     src.append(r * width + j - stem_len[groups[i]])
         _copy_rows(out, dst, logits.reshape(-1, logits.shape[-1]), src)
+    if branch:
+        rows = list(branch)
+        logits = _run_branches(member, cache, mask, stem_width, [branch[i] for i in rows], [seqs[i] for i in rows],
+                               [stem_len[groups[i]] for i in rows])
+        _copy_rows(out, [place[starts[i] + len(wanted[i]) - 1] for i in rows], logits, list(range(len(rows))))
     return out
+
+
+def _branches(seqs, groups, stem_len: dict, full: list[int], lens: list[int], last: list[int]) -> dict:
+    """{last-only row i: (r, L)}: the full row r (index into ``full``) of i's group sharing the
+    longest prefix with it, L tokens (at most len(seqs[i]) - 1, so i feeds at least one token),
+    where that is longer than the group's stem. Row i then runs only its tokens after L, on top
+    of r's cache (e.g. a prefix whose tokenisation differs from the whole text's in its last
+    tokens), instead of all of its tokens after the stem."""
+    by_group: dict = {}
+    for r, (i, n) in enumerate(zip(full, lens)):
+        by_group.setdefault(groups[i], []).append((r, seqs[i][:n]))
+    out = {}
+    for i in last:
+        g, s = groups[i], seqs[i]
+        best = (None, stem_len[g])
+        for r, f in by_group.get(g, []):
+            L = min(common_prefix(s, f), len(s) - 1)
+            if L > best[1]:
+                best = (r, L)
+        if best[0] is not None:
+            out[i] = best
+    return out
+
+
+def _run_branches(member, cache, mask: torch.Tensor, stem_width: int, parts: list[tuple[int, int]],
+                  seqs: list[list[int]], stems: list[int]) -> torch.Tensor:
+    """Last-position logits [R, V] of ``seqs[k]`` run as its first L tokens, read from row r of
+    the full rows' ``cache`` (its mask [F, stem_width + W]: the stem's columns, then the row's
+    right-padded rest; the columns after those L tokens are masked out), plus its tokens after
+    L (``parts[k] = (r, L)``, ``stems[k]``: its stem's length; the cache is consumed)."""
+    sel = torch.tensor([r for r, _ in parts], device=mask.device)
+    cache.batch_select_indices(sel)
+    past = mask[sel].clone()
+    for k, ((_, L), stem) in enumerate(zip(parts, stems)):
+        past[k, stem_width + L - stem:] = 0   # the full row's rest after its first L tokens
+    ids, block = pad([s[L:] for s, (_, L) in zip(seqs, parts)], member.pad_token_id, "left", member.device)
+    m = torch.cat([past, block.to(mask.device)], 1)
+    return member.last_logits(ids, m, cache, positions(m, ids.shape[1]))[0]
 
 
 def _run_rests(member, cache, mask: torch.Tensor, stems: list[int], rests: list[list[int]], last_only: bool):
     """Each rest after its stem's cache row (``cache`` is consumed): the last position's logits
-    [R, V] of left-padded rests, or every position's [R, W, V] of right-padded ones."""
+    [R, V] of left-padded rests, or every position's [R, W, V] of right-padded ones; with the
+    updated cache and its attention mask [R, S + W]."""
     sel = torch.tensor(stems, device=mask.device)
     cache.batch_select_indices(sel)
     ids, block = pad(rests, member.pad_token_id, "left" if last_only else "right", member.device)
     m = torch.cat([mask[sel], block.to(mask.device)], 1)
     if last_only:
-        return member.last_logits(ids, m, cache, positions(m, ids.shape[1]))[0]
-    return member.forward(ids, m, cache, positions(m, ids.shape[1]))[0]
+        logits, cache = member.last_logits(ids, m, cache, positions(m, ids.shape[1]))
+    else:
+        logits, cache = member.forward(ids, m, cache, positions(m, ids.shape[1]))
+    return logits, cache, m
 
 
 def _copy_rows(out: torch.Tensor, dst: list[int], src: torch.Tensor, rows: list[int]) -> None:
@@ -122,7 +172,12 @@ def summed_logprobs(logits: torch.Tensor, targets: Sequence[Sequence[int]]) -> l
     """Per target, the sum of log_softmax(logits) at its tokens; ``logits`` [sum of lengths, V]
     holds the targets' positions one after the other."""
     flat = torch.tensor([t for tgt in targets for t in tgt], device=logits.device)
-    lp = torch.log_softmax(logits, -1).gather(1, flat[:, None])[:, 0]
+    return per_target_sums(torch.log_softmax(logits, -1).gather(1, flat[:, None])[:, 0], targets)
+
+
+def per_target_sums(lp: torch.Tensor, targets: Sequence[Sequence[int]]) -> list[float]:
+    """Per target, the sum of its tokens' entries of ``lp`` [sum of lengths] (targets one after
+    the other)."""
     seg = torch.repeat_interleave(torch.arange(len(targets), device=lp.device),
                                   torch.tensor([len(t) for t in targets], device=lp.device))
     return torch.zeros(len(targets), dtype=lp.dtype, device=lp.device).index_add(0, seg, lp).tolist()
