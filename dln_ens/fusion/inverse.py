@@ -88,6 +88,7 @@ def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: floa
     if z0.shape[-1] != mat.num_rows:
         raise ValueError(f"main logits width {z0.shape[-1]} != main matrix rows {mat.num_rows}")
     q = q.detach().float()
+    r0 = None if r0 is None else r0.detach().float()
     A = mat.num_anchors
     scales = decay_scales(lr, steps)
     if support is None:
