@@ -205,10 +205,27 @@ def tokens_per_main_token(members, main: str, prompts: list[str], gens) -> dict[
     return out
 
 
-def member_arguments(ap: argparse.ArgumentParser) -> None:
-    """The options of the random real-vocabulary members (shared with ``bench score``)."""
+def per_token_seconds(t_one: float, t_new: float, made: int) -> float:
+    """Seconds per generated token, prefill excluded: the time of a ``made``-token run minus
+    that of a 1-token run, over the ``made - 1`` tokens between them."""
+    return (t_new - t_one) / max(made - 1, 1)
+
+
+def per_token(fn, new_tokens: int) -> float:
+    """`per_token_seconds` of one 1-token and one ``new_tokens`` run of ``fn(n)`` (which returns
+    the tokens it made)."""
+    t0 = time.perf_counter()
+    fn(1)
+    t1 = time.perf_counter()
+    made = fn(new_tokens)
+    return per_token_seconds(t1 - t0, time.perf_counter() - t1, made)
+
+
+def member_arguments(ap: argparse.ArgumentParser, workdir: str = "/tmp/dln_ens_bench_decode") -> None:
+    """The options of the random real-vocabulary members (shared with ``bench score`` and
+    ``bench methods``); ``workdir``: where their matrices are cached by default."""
     ap.add_argument("--tokenizers", type=Path, default=SHARED / "tokenizers")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/dln_ens_bench_decode"))
+    ap.add_argument("--workdir", type=Path, default=Path(workdir))
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--head-scale", type=float, default=20.0)
@@ -288,7 +305,7 @@ def main(argv=None):
                     best[k] = min(best[k], time.perf_counter() - t0)
                     made[k, n], texts[k] = max(g.num_tokens for g in gens), gens
         # per generated token, prefill excluded: (t(new) - t(1)) / (tokens - 1)
-        res = {k: (full[k] - one[k]) / max(made[k, args.new_tokens] - 1, 1) for k in runs}
+        res = {k: per_token_seconds(one[k], full[k], made[k, args.new_tokens]) for k in runs}
         res["sum of members"] = sum(res[n] for n in members)
         if B == 1 and dense is not None:
             t0 = time.perf_counter()

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
-from dln_ens.bench.decode import SHARED, make_members, make_prompts, matrices, per_token
+from dln_ens.bench.decode import make_members, make_prompts, matrices, member_arguments, per_token
 from dln_ens.io import markdown_table
 
 VARIANTS = ["main", "deepen", "union", "unite", "unite:entropy", "unite:perplexity", "surface", "surface:entropy"]
@@ -21,22 +20,17 @@ VARIANTS = ["main", "deepen", "union", "unite", "unite:entropy", "unite:perplexi
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m dln_ens.bench methods", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokenizers", type=Path, default=SHARED / "tokenizers")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/dln_ens_bench_methods"))
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
+    member_arguments(ap, workdir="/tmp/dln_ens_bench_methods")
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--variants", nargs="+", default=VARIANTS, help="method[:weighting] ...")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from dln_ens.ensemble.model import EnsembleLanguageModel
 
-    members = make_members(args.tokenizers, args.width, args.layers, 20.0, args.seed)
+    members = make_members(args.tokenizers, args.width, args.layers, args.head_scale, args.seed)
     members = {n: members[n] for n in ("llama", "gpt2")}
     mats = matrices(members, args.workdir / "sparse", 64)
     rows = []
