@@ -310,6 +310,15 @@ class EnsembleLanguageModel:
         return logits
 
     @torch.inference_mode()
+    def forced_distributions(self, rows: list[tuple[str, list[int], list[int]]]) -> torch.Tensor:
+        """[sum of target lengths, V_main] fused log-probabilities before every target token of
+        (context text, context ids, target ids) rows (`forced_member_logits`, fused in blocks)."""
+        logits = self.forced_member_logits(rows)
+        P = len(logits[self.main])   # the fusion is row-independent: blocks keep its temporaries small
+        return torch.cat([self.fusion({n: x[a:a + FUSION_ROWS] for n, x in logits.items()})
+                          for a in range(0, P, FUSION_ROWS)])
+
+    @torch.inference_mode()
     def _score_onepass(self, rows: list[tuple[str, list[int], list[int]]]) -> list[float]:
         """Summed fused log-probs of (context text, context ids, target ids) rows, one fusion call."""
         logits = self.forced_member_logits(rows)

@@ -11,7 +11,7 @@ logits) or an `EnsembleLanguageModel` (the fused distribution over the main memb
   distribution before every token, each member conditioned as `EnsembleLanguageModel.score`
   conditions it (the main member on the ids, the others on their own tokenisation of the text
   before the position), as the ensemble's one-pass score reads them
-  (`EnsembleLanguageModel.forced_member_logits`), and one batched fusion.
+  (`EnsembleLanguageModel.forced_distributions`).
   Scoring starts at the first position with text before it: after a BOS token the first text
   token has no log-prob (the other members would see no text). ``logprobs: 0`` without echo
   returns the decoding's own log-probs, no recompute.
@@ -35,7 +35,6 @@ from dln_ens.serve.tokens import logprobs_block, text_offsets, token_texts
 
 
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-FUSION_ROWS = 256   # positions fused per call (bounds the fusion's memory)
 
 
 def every_position(lm, seqs: list[list[int]]) -> list[torch.Tensor]:
@@ -169,7 +168,7 @@ class Engine:
         """The fused distribution before every token from position k on, as the decoding loop of
         `EnsembleLanguageModel.score` conditions the members (the main member on the ids, every
         other member on its tokenisation of the visible text before the position), computed with
-        the one-pass teacher forcing of the ensemble's score (`forced_member_logits`)."""
+        the one-pass teacher forcing of the ensemble's score (`forced_distributions`)."""
         lm = self.lm
         starts = [self._ensemble_start(s, t) for s, t in zip(seqs, texts)]
         todo = [i for i, s in enumerate(seqs) if starts[i][0] < len(s)]
@@ -177,9 +176,7 @@ class Engine:
         for idx in chunks(todo, lm.batch_size):
             lm.main_member.check_length(max(len(seqs[i]) for i in idx), "a prompt")
             rows = [(starts[i][1], seqs[i][:starts[i][0]], seqs[i][starts[i][0]:]) for i in idx]
-            logits = lm.forced_member_logits(rows)
-            fused = torch.cat([lm.fusion({n: x[r:r + FUSION_ROWS] for n, x in logits.items()})
-                               for r in range(0, len(logits[lm.main]), FUSION_ROWS)])
+            fused = lm.forced_distributions(rows)
             at = 0
             for i, (_, _, t) in zip(idx, rows):
                 out[i] = fused[at:at + len(t)]
