@@ -71,7 +71,9 @@ def test_sparse_matrices_match_their_dense_form():
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
 
 
-def test_support_restriction_is_close_to_exact():
+def test_support_restriction_is_close_to_exact(monkeypatch):
+    from dln_ens.fusion import deepen
+    monkeypatch.setattr(deepen, "EXACT_ENTRIES", 0)   # restrict these small matrices too
     names, dense, logits = setup(V=(3000, 2000, 2500), A=200, B=6)
     logits = {n: x * 2.5 for n, x in logits.items()}   # peaked, as trained LMs are
     sparse = {n: dense_to_sparse(dense[n], 16) for n in names}
@@ -134,6 +136,7 @@ def test_small_sparse_matrices_computed_densely_give_the_sparse_result(monkeypat
     """`deepen.computing_form` turns small sparse matrices dense: the same fused distribution as
     the sparse computation (exact and support-restricted)."""
     from dln_ens.fusion import deepen
+    monkeypatch.setattr(deepen, "EXACT_ENTRIES", 0)   # restrict these small matrices too
     names, dense, logits = setup(V=(300, 200, 250), A=40, B=4)
     sparse = {n: dense_to_sparse(dense[n], 8) for n in names}
     for tail in (0.0, 1e-3):
@@ -151,6 +154,7 @@ def test_target_logprobs_read_the_fused_distribution(monkeypatch):
     it without the [B, V] distribution; it must equal that distribution's entry, for targets on
     the support and in its tail, exact and support-restricted, sparse and dense."""
     from dln_ens.fusion import deepen
+    monkeypatch.setattr(deepen, "EXACT_ENTRIES", 0)   # restrict these small matrices too
     names, dense, logits = setup(V=(300, 200, 250), A=40, B=6)
     sparse = {n: dense_to_sparse(dense[n], 8) for n in names}
     targets = torch.tensor([0, 299, 5, 17, 150, 64])
@@ -174,7 +178,7 @@ def test_tail_logsumexp_at_several_scales():
     x[0, ::3] = float("-inf")
     x[2] = float("-inf")                       # an empty tail
     scales = [1.0, 0.99, 0.5]
-    got = tail_logsumexp(x, scales, chunk=700)
+    got = tail_logsumexp(x, scales, elements=3 * 3 * 300)   # columns in chunks of 300
     want = torch.stack([torch.logsumexp(s * x, -1) for s in scales], -1)
     assert torch.allclose(got, want, atol=1e-5) and torch.isneginf(got[2]).all()
 
@@ -188,3 +192,23 @@ def test_logits_that_carry_gradients_fuse_as_plain_ones():
     want = fuse(logits)
     got = fuse({n: x.clone().requires_grad_(True) for n, x in logits.items()})
     assert torch.equal(got.detach(), want)
+
+
+def test_default_settings_compute_small_dense_matrices_exactly(monkeypatch):
+    """With the default ``tail_mass`` (1e-4), a member whose dense matrix has at most
+    `deepen.EXACT_ENTRIES` entries is not restricted to a support: the result is the published
+    loop's (where a support would leave mass out); a larger one is restricted."""
+    from dln_ens.fusion import deepen
+    names, dense, logits = setup(V=(300, 200, 250), A=60, B=4)
+    logits = {n: x / 3 for n, x in logits.items()}   # flat rows: a support would cap at max_support
+    mats = {n: RelRepMatrix(60, dense=dense[n]) for n in names}
+    fuse = make_fusion("deepen", names, "a", matrices=mats, max_support=32)
+    assert not any(fuse.restricted.values())
+    got = fuse(logits)
+    assert torch.equal(got, make_fusion("deepen", names, "a", matrices=mats, tail_mass=0.0)(logits))
+    want = reference_step(logits, dense, "a", {n: 1 / 3 for n in names}, 0.15, 5)
+    assert torch.allclose(got, want, atol=2e-4, rtol=0)   # flat rows: Adam's steps amplify float rounding
+    monkeypatch.setattr(deepen, "EXACT_ENTRIES", 250 * 60)   # now only a (300 x 60) is larger
+    fuse = make_fusion("deepen", names, "a", matrices=mats, max_support=32)
+    assert fuse.restricted == {"a": True, "b": False, "c": False}
+    assert not torch.allclose(fuse(logits), want, atol=1e-3)   # 32 of 300 tokens leave real mass out

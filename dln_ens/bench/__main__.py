@@ -1,4 +1,4 @@
-"""`python -m dln_ens.bench {mat|decode|dln|score|mod|mod-lora|serve|methods|parallel} ...`: benchmarks (not tests; they print tables)."""
+"""`python -m dln_ens.bench {mat|decode|dln|score|fusion|mod|mod-lora|serve|methods|parallel} ...`: benchmarks (not tests; they print tables)."""
 from __future__ import annotations
 
 import importlib
@@ -6,7 +6,7 @@ import importlib.util
 import sys
 
 COMMANDS = {"mat": "dln_ens.bench.mat", "decode": "dln_ens.bench.decode", "dln": "dln_ens.bench.dln",
-            "score": "dln_ens.bench.score", "mod": "dln_ens.bench.mod", "mod-lora": "dln_ens.bench.mod_lora",
+            "score": "dln_ens.bench.score", "fusion": "dln_ens.bench.fusion", "mod": "dln_ens.bench.mod", "mod-lora": "dln_ens.bench.mod_lora",
             "serve": "dln_ens.bench.serve", "methods": "dln_ens.bench.methods", "parallel": "dln_ens.bench.parallel"}
 
 

@@ -1,8 +1,12 @@
 """``deepen``: DeePEn (Huang et al. 2024). p_m -> r_m = p_m @ R_m -> q = sum_m w_m r_m -> the
 inverse search from the main member's logits (`inverse.deepen_inverse`).
 
-``tail_mass`` > 0 restricts the relative-space work to each row's top tokens holding
-1 - tail_mass of the mass, at most ``max_support`` of them (`relative`); 0 is exact.
+``tail_mass`` > 0 lets the relative-space work be restricted to each row's top tokens holding
+1 - tail_mass of the mass, at most ``max_support`` of them (`relative`); 0 is exact. The
+restriction is used only where it saves work: a member whose matrix is used in dense form with
+at most ``EXACT_ENTRIES`` entries (the zoo's: 1000 x 212) is computed exactly, which is faster
+there (a few small matmuls instead of top-k, gathers and scatters; `python -m dln_ens.bench
+fusion` measures both).
 ``lr == 0`` or ``steps == 0`` is the main member alone: then no other member is run.
 """
 from __future__ import annotations
@@ -18,6 +22,13 @@ from dln_ens.relrep.matrix import RelRepMatrix
 
 
 DENSE_ENTRIES = 1 << 22   # a sparse matrix with at most this many V x A entries is used in dense form
+EXACT_ENTRIES = 1 << 21   # a dense matrix with at most this many entries is never restricted to a support
+
+
+def restricts(mat: RelRepMatrix) -> bool:
+    """Whether a support restriction saves work with this (computing-form) matrix: not for a
+    small dense one, where the exact products cost less than selecting a support."""
+    return mat.is_sparse or mat.num_rows * mat.num_anchors > EXACT_ENTRIES
 
 
 def computing_form(mat: RelRepMatrix) -> RelRepMatrix:
@@ -70,13 +81,14 @@ class DeepenFusion(Fusion):
                 raise SettingsError(f"method 'deepen' needs a relative-representation matrix for every member; "
                                     f"missing {missing}: build them with `sh sh/mat.sh`")
             self.matrices = {n: computing_form(mats[n].to(self.device)) for n in self.names}
+        self.restricted = {n: settings.tail_mass > 0 and restricts(m) for n, m in self.matrices.items()}
 
     def active(self) -> list[str]:
         return super().active() if self.search else [self.main]
 
-    def _support(self, probs):
+    def _support(self, probs, name):
         s = self.settings
-        return None if s.tail_mass <= 0 else top_mass_support(probs, s.tail_mass, s.max_support)
+        return top_mass_support(probs, s.tail_mass, s.max_support) if self.restricted[name] else None
 
     def __call__(self, logits, step=None):
         return self._fuse(logits, step)
@@ -92,7 +104,7 @@ class DeepenFusion(Fusion):
         rels, main_support, main_rows = [], None, None
         for n in self.names:
             p = torch.softmax(logits[n].to(self.device, torch.float32), -1)
-            support = self._support(p)
+            support = self._support(p, n)
             rows = None if support is None else support_rows(support, self.matrices[n])
             rels.append(to_relative(p, self.matrices[n], support, rows))
             if n == self.main:

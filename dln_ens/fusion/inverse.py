@@ -53,17 +53,17 @@ def decay_scales(lr: float, steps: int) -> list[float]:
     return out
 
 
-def tail_logsumexp(tail: torch.Tensor, scales: list[float], chunk: int = 2048) -> torch.Tensor:
+def tail_logsumexp(tail: torch.Tensor, scales: list[float], elements: int = 1 << 17) -> torch.Tensor:
     """[B, len(scales)]: ``log sum_i exp(s * tail[b, i])`` for each scale s, in one pass over
-    the tail (entries <= 0, -inf for none) in column chunks that stay in cache."""
+    the tail (entries <= 0, -inf for none): all scales at once on column chunks of about
+    ``elements`` [B, scales, columns] entries (few ops for a decoding step's rows, and chunks
+    that stay in cache for a scored block's)."""
     B, V = tail.shape
+    s = torch.tensor(scales, dtype=tail.dtype, device=tail.device)[:, None]
+    width = max(256, elements // max(B * len(scales), 1))
     acc = tail.new_zeros((B, len(scales)))
-    buf = tail.new_empty((B, min(chunk, V)))
-    for lo in range(0, V, chunk):
-        x = tail[:, lo:lo + chunk]
-        b = buf[:, :x.shape[1]]
-        for j, scale in enumerate(scales):
-            acc[:, j] += torch.mul(x, scale, out=b).exp_().sum(-1)
+    for lo in range(0, V, width):
+        acc += (tail[:, None, lo:lo + width] * s).exp_().sum(-1)
     return acc.log_()
 
 

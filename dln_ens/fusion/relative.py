@@ -30,20 +30,14 @@ class Support:
     valid: torch.Tensor  # [B, S] bool, False on padding columns
 
 
-def top_mass_support(probs: torch.Tensor, tail_mass: float, max_support: int, first: int = 64) -> Support:
+def top_mass_support(probs: torch.Tensor, tail_mass: float, max_support: int) -> Support:
     """The smallest top set of each row with mass >= 1 - tail_mass (at most ``max_support`` ids;
-    a row needing more keeps its ``max_support`` most probable ids). A few rows (a decoding
-    step) first try their ``first`` top ids; many rows (a scored batch, where most need more)
-    take ``max_support`` at once: one top-k pass instead of two, the same sets."""
-    V = probs.shape[-1]
-    k = min(first if probs.shape[0] <= 8 else max_support, V, max_support)
+    a row needing more keeps its ``max_support`` most probable ids), from one top-k pass (a
+    first try with fewer ids saves little at one row and costs a second pass whenever any row
+    of a batch needs more)."""
+    k = min(probs.shape[-1], max_support)
     vals, idx = probs.topk(k, dim=-1)
-    need = (vals.cumsum(-1) < 1.0 - tail_mass).sum(-1) + 1   # ids needed per row
-    if int(need.max()) > k and k < min(V, max_support):
-        k = min(V, max_support)
-        vals, idx = probs.topk(k, dim=-1)
-        need = (vals.cumsum(-1) < 1.0 - tail_mass).sum(-1) + 1
-    need = need.clamp(max=k)
+    need = ((vals.cumsum(-1) < 1.0 - tail_mass).sum(-1) + 1).clamp(max=k)   # ids needed per row
     width = int(need.max())
     valid = torch.arange(width, device=probs.device) < need[:, None]
     return Support(idx[:, :width], valid)
