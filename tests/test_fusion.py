@@ -212,3 +212,18 @@ def test_default_settings_compute_small_dense_matrices_exactly(monkeypatch):
     fuse = make_fusion("deepen", names, "a", matrices=mats, max_support=32)
     assert fuse.restricted == {"a": True, "b": False, "c": False}
     assert not torch.allclose(fuse(logits), want, atol=1e-3)   # 32 of 300 tokens leave real mass out
+
+
+def test_top_k_matches_torch_topk():
+    """`relative.top_k` (numpy's argpartition on the CPU for several wide rows) returns torch's
+    top-k values in order, at indices that hold them, each index once, ties included."""
+    from dln_ens.fusion.relative import top_k
+    g = torch.Generator().manual_seed(5)
+    for B, V, k in ((8, 5000, 256), (12, 33000, 256), (3, 5000, 64), (9, 2000, 256)):
+        x = torch.softmax(4 * torch.randn(B, V, generator=g), -1)
+        x[0, :600] = x[0, 0]          # a tie across the boundary of the kept set
+        vals, idx = top_k(x, k)
+        want = x.topk(k, dim=-1).values
+        assert torch.equal(vals, want)
+        assert torch.equal(x.gather(1, idx), vals)
+        assert all(len(set(r.tolist())) == k for r in idx)

