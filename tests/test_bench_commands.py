@@ -16,3 +16,38 @@ def test_bench_command_imports_and_parses_help(name, capsys):
         module.main(["--help"])
     assert done.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+class _LogLM:
+    """A backend that logs what it is sent."""
+
+    def __init__(self, name):
+        self.name, self.log = name, []
+
+    def generate(self, prompts, **kw):
+        self.log.append(("generate", list(prompts), kw))
+        return []
+
+    def score(self, contexts, targets):
+        self.log.append(("score", list(contexts), list(targets)))
+        return []
+
+    def next_token_logprobs(self, contexts, candidates, **kw):
+        self.log.append(("next_token_logprobs", list(contexts), list(candidates), kw))
+        return []
+
+
+def test_bench_dln_replays_the_ensembles_requests_on_each_member():
+    from dln_ens.bench.dln import RecordingLM, same_requests_rows
+    ens, a, b = _LogLM("ens"), _LogLM("a"), _LogLM("b")
+    calls = []
+    rec = RecordingLM(ens, calls)
+    rec.generate(["p1", "p2"], max_new_tokens=3, seed=7)
+    rec.score(["c"], ["t"])
+    rec.next_token_logprobs(["c1", "c2", "c3"], ["Yes", "No"], aggregate="sum")
+    assert rec.name == "ens" and len(ens.log) == 3
+    rows = same_requests_rows({"ens": ens, "a": a, "b": b}, "ens", ["a", "b"], calls, iters=1, repeats=2, layers=2)
+    assert a.log == b.log == ens.log[:3] * 2 and ens.log[3:] == ens.log[:3] * 2   # the same calls, every round
+    assert [r["method"] for r in rows] == ["generate", "next_token_logprobs", "score", "all"]
+    assert [r["requests/iter"] for r in rows] == [2, 3, 1, 6]
+    assert all(r["ensemble / sum of members"] > 0 for r in rows)

@@ -12,7 +12,11 @@ work: greedy calls and scores are identical, and sampled calls reuse the same se
 When the backend is an ensemble, each of its members also runs the same iterations alone
 (batched), in the same rounds, and the table adds "ensemble / sum of members": the ensemble's
 seconds per iteration over the sum of its members' (each run follows its own trajectory:
-prompts, generations and their lengths differ from backend to backend).
+prompts, generations and their lengths differ from backend to backend, and so do the number
+of calls and requests). A second table separates the ensemble's own cost from those
+differences: the requests the ensemble received in one batched run are replayed, call by call
+and in the same rounds, on the ensemble and on each member alone ("same requests"), per
+method and in all.
 
     python -m dln_ens.bench dln --conf conf/default.json [--backend ens] [--iters 2] [--out DIR]
 """
@@ -33,7 +37,63 @@ from dln_ens.dln.trainer import batch_indices
 from dln_ens.io import atomic_write_text, markdown_table
 
 
-def measure(lm, layers: int, cfg, task, iters: int, one_at_a_time: bool) -> dict:
+class RecordingLM:
+    """Passes the protocol's calls to ``inner`` and keeps each as (method, args, kwargs)."""
+
+    def __init__(self, inner, calls: list):
+        self.inner, self.name, self.calls = inner, inner.name, calls
+
+    def __getattr__(self, name):   # everything else of the backend, unchanged
+        return getattr(self.inner, name)
+
+    def generate(self, prompts, **kwargs):
+        self.calls.append(("generate", (list(prompts),), dict(kwargs)))
+        return self.inner.generate(prompts, **kwargs)
+
+    def score(self, contexts, targets):
+        self.calls.append(("score", (list(contexts), list(targets)), {}))
+        return self.inner.score(contexts, targets)
+
+    def next_token_logprobs(self, contexts, candidates, **kwargs):
+        self.calls.append(("next_token_logprobs", (list(contexts), list(candidates)), dict(kwargs)))
+        return self.inner.next_token_logprobs(contexts, candidates, **kwargs)
+
+
+def replay(lm, calls: list) -> dict[str, float]:
+    """Seconds per method of sending the recorded ``calls`` to ``lm``, in their order."""
+    out: dict[str, float] = {}
+    for method, args, kwargs in calls:
+        t0 = time.perf_counter()
+        getattr(lm, method)(*args, **kwargs)
+        out[method] = out.get(method, 0.0) + time.perf_counter() - t0
+    return out
+
+
+def same_requests_rows(lms: dict, name: str, members: list[str], calls: list, iters: int, repeats: int,
+                       layers: int) -> list[dict]:
+    """Rows of the "same requests" table: ``calls`` replayed on the ensemble and each member,
+    in turn, ``repeats`` times; the fastest run of each backend per method, per iteration."""
+    best: dict[tuple[str, str], float] = {}
+    for _ in range(max(1, repeats)):
+        for b in [name] + members:
+            for method, sec in replay(lms[b], calls).items():
+                best[b, method] = min(best.get((b, method), float("inf")), sec)
+    methods = sorted({m for _, m in best})
+    rows = []
+    for method in methods + ["all"]:
+        pick = methods if method == "all" else [method]
+        ens = sum(best[name, m] for m in pick) / iters
+        alone = {b: sum(best[b, m] for m in pick) / iters for b in members}
+        rows.append({"DLN": layers, "method": method,
+                     "requests/iter": sum(len(a[0]) for m, a, _ in calls if m in pick) / iters,
+                     "ensemble s/iter": round(ens, 3), **{f"{b} s/iter": round(v, 3) for b, v in alone.items()},
+                     "ensemble / sum of members": round(ens / sum(alone.values()), 2)})
+    return rows
+
+
+def measure(lm, layers: int, cfg, task, iters: int, one_at_a_time: bool, record: list | None = None) -> dict:
+    if record is not None:
+        lm = RecordingLM(lm, record)
     counter = CountingLM(lm)   # counts what reaches the backend
     backend = OneAtATimeLM(counter) if one_at_a_time else counter
     library = TemplateLibrary(cfg.templates, cfg.template_dir)
@@ -84,14 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     lms = {b: pool.get(b) for b in [name] + members}
     modes = [(name, False)] + ([] if args.no_one_at_a_time else [(name, True)]) + [(m, False) for m in members]
 
-    rows, raw = [], {}
+    rows, same, raw = [], [], {}
     for layers in [int(x) for x in args.layers.split(",")]:
         for b in lms:
             measure(lms[b], layers, dcfg, task, 1, one_at_a_time=False)   # warm-up (first-call costs)
         runs = {key: [] for key in modes}
-        for _ in range(max(1, args.repeats)):
+        calls: list = []
+        for rnd in range(max(1, args.repeats)):
             for b, single_mode in modes:
-                runs[b, single_mode].append(measure(lms[b], layers, dcfg, task, args.iters, one_at_a_time=single_mode))
+                record = calls if members and rnd == 0 and (b, single_mode) == (name, False) else None
+                runs[b, single_mode].append(measure(lms[b], layers, dcfg, task, args.iters, one_at_a_time=single_mode,
+                                                    record=record))
+        if members:
+            same += same_requests_rows(lms, name, members, calls, args.iters, args.repeats, layers)
         best = {key: min(r, key=lambda x: x["seconds"]) for key, r in runs.items()}
         batched = best[name, False]
         single = best.get((name, True))
@@ -114,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"DLN iteration cost on backend {name!r}, task {task.name}, batch {dcfg.batch_size}, "
             f"{dcfg.num_p_samples} prompt / {dcfg.num_h_samples} hidden samples, {args.iters} iterations, "
             f"fastest of {max(1, args.repeats)} runs per mode, taken in turn\n\n")
+    if same:
+        table += (f"\nSame requests: the ensemble's requests of one batched run replayed on the ensemble and on "
+                  f"each member alone, fastest of {max(1, args.repeats)} rounds, per iteration\n\n"
+                  + markdown_table(same))
+        raw["same_requests"] = same
     print(head + table)
     if args.out:
         out = Path(args.out)
