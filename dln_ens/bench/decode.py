@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -221,6 +222,41 @@ def per_token(fn, new_tokens: int) -> float:
     return per_token_seconds(t1 - t0, time.perf_counter() - t1, made)
 
 
+@contextmanager
+def timed_parts(ens):
+    """While active, the seconds of each member's model calls and of the fusion of ``ens`` add
+    up in the yielded dict (keys: member names, "fusion"); the timers cost microseconds a step."""
+    spent: dict[str, float] = {}
+
+    def timed(key, fn):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] = spent.get(key, 0.0) + time.perf_counter() - t0
+        return call
+
+    fusion = ens.fusion
+
+    class TimedFusion:   # the fusion, its calls timed
+        def __getattr__(self, name):
+            return getattr(fusion, name)
+
+        def __call__(self, *args, **kwargs):
+            return timed("fusion", fusion)(*args, **kwargs)
+
+    ens.fusion = TimedFusion()
+    for n, m in ens.members.items():
+        m.last_logits = timed(n, m.last_logits)
+    try:
+        yield spent
+    finally:
+        ens.fusion = fusion
+        for m in ens.members.values():
+            del m.last_logits
+
+
 def member_arguments(ap: argparse.ArgumentParser, workdir: str = "/tmp/dln_ens_bench_decode") -> None:
     """The options of the random real-vocabulary members (shared with ``bench score`` and
     ``bench methods``); ``workdir``: where their matrices are cached by default."""
@@ -297,13 +333,19 @@ def main(argv=None):
         if ens_dense is not None:
             runs[f"ensemble dense {args.dense_anchors} anchors"] = ens_dense
         one, full, made, texts = {k: float("inf") for k in runs}, {k: float("inf") for k in runs}, {}, {}
-        for _ in range(args.repeats):   # in turn, keeping each run's fastest (a shared machine is noisy)
-            for k, lm in runs.items():
-                for n, best in ((1, one), (args.new_tokens, full)):
-                    t0 = time.perf_counter()
-                    gens = lm.generate(batch, max_new_tokens=n)
-                    best[k] = min(best[k], time.perf_counter() - t0)
-                    made[k, n], texts[k] = max(g.num_tokens for g in gens), gens
+        parts = {}   # the ensemble's fastest runs' seconds by part
+        with timed_parts(ens_sparse) as spent:
+            for _ in range(args.repeats):   # in turn, keeping each run's fastest (a shared machine is noisy)
+                for k, lm in runs.items():
+                    for n, best in ((1, one), (args.new_tokens, full)):
+                        spent.clear()
+                        t0 = time.perf_counter()
+                        gens = lm.generate(batch, max_new_tokens=n)
+                        took = time.perf_counter() - t0
+                        if took < best[k] and k == "ensemble sparse":
+                            parts[n] = dict(spent)
+                        best[k] = min(best[k], took)
+                        made[k, n], texts[k] = max(g.num_tokens for g in gens), gens
         # per generated token, prefill excluded: (t(new) - t(1)) / (tokens - 1)
         res = {k: per_token_seconds(one[k], full[k], made[k, args.new_tokens]) for k in runs}
         res["sum of members"] = sum(res[n] for n in members)
@@ -318,6 +360,14 @@ def main(argv=None):
         print("  tokens each other member runs per main-member token of the ensemble's text (a member alone "
               "runs one): " + ", ".join(f"{n} {r:.2f}" for n, r in tokens_per_main_token(
                   members, main_name, batch, texts["ensemble sparse"]).items()))
+        made_n = made["ensemble sparse", args.new_tokens]
+        part = {key: per_token_seconds(parts[1].get(key, 0.0), parts[args.new_tokens].get(key, 0.0), made_n)
+                for key in parts[args.new_tokens]}
+        rest = res["ensemble sparse"] - sum(part.values())
+        print("  the ensemble's step by part (its fastest runs, parts timed): " + ", ".join(
+            f"{n} {part.get(n, 0.0) * 1e3:.2f} ms (alone {res[n] * 1e3:.2f})" for n in members)
+            + f", fusion {part.get('fusion', 0.0) * 1e3:.2f} ms, the rest {rest * 1e3:.2f} ms; without the "
+            f"fusion {(res['ensemble sparse'] - part.get('fusion', 0.0)) / res['sum of members']:.2f} x the sum of members")
         if "reference-style loop (dense)" in res:
             print(f"  reference loop / ensemble sparse      "
                   f"{res['reference-style loop (dense)'] / res['ensemble sparse']:9.1f} x")
