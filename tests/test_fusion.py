@@ -227,3 +227,22 @@ def test_top_k_matches_torch_topk():
         assert torch.equal(vals, want)
         assert torch.equal(x.gather(1, idx), vals)
         assert all(len(set(r.tolist())) == k for r in idx)
+
+
+def test_dense_support_rows_gathered_or_whole_give_one_result(monkeypatch):
+    """A restricted search over a dense matrix reads its support's rows gathered ([B, S, A]) or
+    through products with the whole matrix (many rows: `relative.GATHERED_ROWS`); both are the
+    same computation."""
+    from dln_ens.fusion import deepen, relative
+    monkeypatch.setattr(deepen, "EXACT_ENTRIES", 0)
+    names, dense, logits = setup(V=(300, 200, 250), A=40, B=6)
+    mats = {n: RelRepMatrix(40, dense=dense[n]) for n in names}
+    targets = torch.tensor([0, 299, 5, 17, 150, 64])
+    fuse = make_fusion("deepen", names, "a", matrices=mats, max_support=16)
+    gathered = fuse(logits), fuse.target_logprobs(logits, targets)
+    monkeypatch.setattr(relative, "GATHERED_ROWS", 0)
+    whole = fuse(logits), fuse.target_logprobs(logits, targets)
+    for a, b in zip(gathered, whole):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    assert not torch.allclose(gathered[0], make_fusion("deepen", names, "a", matrices=mats, tail_mass=0.0)(logits),
+                              atol=1e-3)   # the restriction is in force

@@ -69,13 +69,16 @@ class SupportRows:
     whole: bool = False                    # dense, few rows: products with the whole matrix instead
 
 
-WHOLE_MATRIX = 8   # a dense matrix with at most this many rows per support token is used whole
+WHOLE_MATRIX = 8          # a dense matrix with at most this many rows per support token is used whole
+GATHERED_ROWS = 1 << 22   # ... and so is one whose support rows would take more entries ([B, S, A]) than this
 
 
 def support_rows(support: Support, mat: RelRepMatrix) -> SupportRows:
     idx = support.idx
     if not mat.is_sparse:
-        if mat.num_rows <= WHOLE_MATRIX * idx.shape[1]:   # one matmul beats gathering [B, S, A]
+        # one matmul beats gathering [B, S, A] for a small matrix, or for many rows (a scored
+        # block: `python -m dln_ens.bench fusion`, 64 rows of 4000 x 1000)
+        if mat.num_rows <= WHOLE_MATRIX * idx.shape[1] or idx.numel() * mat.num_anchors > GATHERED_ROWS:
             return SupportRows(whole=True)
         return SupportRows(dense=mat.dense[idx])
     flat = idx.reshape(-1)   # index_select: several times faster than indexing by an [B, S] tensor
