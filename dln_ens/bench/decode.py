@@ -224,22 +224,31 @@ def per_token(fn, new_tokens: int) -> float:
 
 @contextmanager
 def timed_parts(ens):
-    """While active, the seconds of each member's model calls and of the fusion of ``ens`` add
-    up in the yielded dict (keys: member names, "fusion"); the timers cost microseconds a step."""
+    """While active, the seconds of each member's model calls and of the fusion of ``ens`` (its
+    distributions and its target log-probs) add up in the yielded dict (keys: member names,
+    "fusion"; a call made inside another of the same key counts once). The timers cost
+    microseconds a step."""
     spent: dict[str, float] = {}
+    active: set[str] = set()
 
     def timed(key, fn):
         def call(*args, **kwargs):
+            if key in active:
+                return fn(*args, **kwargs)
+            active.add(key)
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                active.discard(key)
                 spent[key] = spent.get(key, 0.0) + time.perf_counter() - t0
         return call
 
     fusion = ens.fusion
 
     class TimedFusion:   # the fusion, its calls timed
+        target_logprobs = staticmethod(timed("fusion", fusion.target_logprobs))
+
         def __getattr__(self, name):
             return getattr(fusion, name)
 
@@ -248,13 +257,13 @@ def timed_parts(ens):
 
     ens.fusion = TimedFusion()
     for n, m in ens.members.items():
-        m.last_logits = timed(n, m.last_logits)
+        m.last_logits, m.forward = timed(n, m.last_logits), timed(n, m.forward)
     try:
         yield spent
     finally:
         ens.fusion = fusion
         for m in ens.members.values():
-            del m.last_logits
+            del m.last_logits, m.forward
 
 
 def member_arguments(ap: argparse.ArgumentParser, workdir: str = "/tmp/dln_ens_bench_decode") -> None:
