@@ -285,17 +285,22 @@ def test_settings_are_refused_in_the_python_api_as_in_the_config(members, matdir
         EnsembleLanguageModel(members, main="bpe", method="mean")
 
 
-def test_one_pass_score_equals_exact_mode(members, matdir):
+def test_one_pass_score_equals_exact_mode(members, matdir, monkeypatch):
     """The default one-pass score against the forced decode (exact mode), for every main member,
     on targets that split words and characters differently in each member; and the
-    support-restricted fusion too. They differ only by float rounding."""
+    support-restricted fusion too (forced on these small matrices, which the defaults compute
+    exactly). They differ only by float rounding."""
+    from dln_ens.fusion import deepen
+    monkeypatch.setattr(deepen, "EXACT_ENTRIES", 0)
     contexts = ["the quick brown fox", "Input: 1 2 , the lazy dog\nAnswer:", "a", "Ünï 🙂 yes"]
     targets = [" jumps over the dog", " yes", " foxes runs 🙂 é", "x  y\n z", ""]
     C = [c for c in contexts for _ in targets]
     T = targets * len(contexts)
     for main in ("sp", "bpe", "wp"):
         for kw in ({"tail_mass": 0.0}, {}):
-            exact = EnsembleLanguageModel(members, main=main, matrices=matdir, score_mode="exact", **kw).score(C, T)
+            exact_lm = EnsembleLanguageModel(members, main=main, matrices=matdir, score_mode="exact", **kw)
+            assert any(exact_lm.fusion.restricted.values()) == ("tail_mass" not in kw)
+            exact = exact_lm.score(C, T)
             fast = EnsembleLanguageModel(members, main=main, matrices=matdir, batch_size=3, verify_alignment=True,
                                          **kw).score(C, T)
             for c, t, e, f in zip(C, T, exact, fast):

@@ -219,7 +219,7 @@ def test_top_k_matches_torch_topk():
     top-k values in order, at indices that hold them, each index once, ties included."""
     from dln_ens.fusion.relative import top_k
     g = torch.Generator().manual_seed(5)
-    for B, V, k in ((8, 5000, 256), (12, 33000, 256), (3, 5000, 64), (9, 2000, 256)):
+    for B, V, k in ((8, 5000, 256), (12, 33000, 256), (8, 4096, 256), (10, 20000, 64)):   # numpy's path
         x = torch.softmax(4 * torch.randn(B, V, generator=g), -1)
         x[0, :600] = x[0, 0]          # a tie across the boundary of the kept set
         vals, idx = top_k(x, k)

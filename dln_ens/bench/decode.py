@@ -25,8 +25,9 @@ import argparse
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -226,14 +227,16 @@ def per_token(fn, new_tokens: int) -> float:
 def timed_parts(ens):
     """While active, the seconds of each member's model calls and of the fusion of ``ens`` (its
     distributions and its target log-probs) add up in the yielded dict (keys: member names,
-    "fusion"; a call made inside another of the same key counts once). The timers cost
-    microseconds a step."""
+    "fusion"). A call made inside another of the same key counts once, and a member's calls made
+    by the fusion itself (the `surface` method, perplexity weighting) count as fusion. Wall
+    clock: on a GPU a part's queued work may be waited for in the next one. The timers cost
+    microseconds a step; every patched attribute is put back on exit."""
     spent: dict[str, float] = {}
     active: set[str] = set()
 
     def timed(key, fn):
         def call(*args, **kwargs):
-            if key in active:
+            if key in active or (key != "fusion" and "fusion" in active):
                 return fn(*args, **kwargs)
             active.add(key)
             t0 = time.perf_counter()
@@ -255,15 +258,12 @@ def timed_parts(ens):
         def __call__(self, *args, **kwargs):
             return timed("fusion", fusion)(*args, **kwargs)
 
-    ens.fusion = TimedFusion()
-    for n, m in ens.members.items():
-        m.last_logits, m.forward = timed(n, m.last_logits), timed(n, m.forward)
-    try:
+    with ExitStack() as patches:
+        patches.enter_context(patch.object(ens, "fusion", TimedFusion()))
+        for n, m in ens.members.items():
+            for attr in ("last_logits", "forward"):
+                patches.enter_context(patch.object(m, attr, timed(n, getattr(m, attr))))
         yield spent
-    finally:
-        ens.fusion = fusion
-        for m in ens.members.values():
-            del m.last_logits, m.forward
 
 
 def member_arguments(ap: argparse.ArgumentParser, workdir: str = "/tmp/dln_ens_bench_decode") -> None:

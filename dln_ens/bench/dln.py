@@ -16,7 +16,8 @@ prompts, generations and their lengths differ from backend to backend, and so do
 of calls and requests). A second table separates the ensemble's own cost from those
 differences: the requests the ensemble received in one batched run are replayed, call by call
 and in the same rounds, on the ensemble and on each member alone ("same requests"), per
-method and in all.
+method and in all. The prompts and contexts are then the same; how long each generation runs
+is still each backend's own (its EOS against ``max_new_tokens``).
 
     python -m dln_ens.bench dln --conf conf/default.json [--backend ens] [--iters 2] [--out DIR]
 """

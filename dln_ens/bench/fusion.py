@@ -5,27 +5,18 @@ Three members, dense relative-representation matrices of V x A entries (random r
 members' vocabularies V, V + 100, V + 200), random logits scaled by ``--logit-scale``. For each
 size and number of rows it times the fusion with ``tail_mass`` 1e-4 forced to restrict every
 member to a support (`fusion.relative`) and the exact computation (``tail_mass`` 0), fastest of
-``--repeats`` rounds of ``--calls`` calls. `deepen.EXACT_ENTRIES` (dense matrices at most that
-large are computed exactly even with ``tail_mass`` > 0) is chosen from this table: the column
-"default" shows which of the two the default settings run.
+``--repeats`` rounds of ``--calls`` calls, the two taken in turn. `deepen.EXACT_ENTRIES` (dense
+matrices at most that large are computed exactly even with ``tail_mass`` > 0) is chosen from
+this table: the column "default" shows what the default settings run (members differ in size,
+so a row near the threshold may be mixed).
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-
-def seconds_per_call(fn, calls: int, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best
+from dln_ens.bench.score import fastest
 
 
 def main(argv=None):
@@ -65,11 +56,15 @@ def main(argv=None):
                 deepen.EXACT_ENTRIES = saved
             exact = make_fusion("deepen", names, "a", matrices=mats, tail_mass=0.0)
             default = make_fusion("deepen", names, "a", matrices=mats)
-            runs = "restricted" if default.restricted["a"] else "exact"
+            which = [n for n in names if default.restricted[n]]
+            runs = "exact" if not which else "restricted" if len(which) == len(names) else \
+                f"mixed ({', '.join(which)} restricted)"
             for B in args.rows:
                 logits = {n: args.logit_scale * torch.randn(B, V + 100 * i, generator=g) for i, n in enumerate(names)}
-                r = seconds_per_call(lambda: restricted(logits), args.calls, args.repeats)
-                e = seconds_per_call(lambda: exact(logits), args.calls, args.repeats)
+                restricted(logits), exact(logits)   # warm-up
+                best, _ = fastest({"r": lambda: [restricted(logits) for _ in range(args.calls)],
+                                   "e": lambda: [exact(logits) for _ in range(args.calls)]}, args.repeats)
+                r, e = best["r"] / args.calls, best["e"] / args.calls
                 print(f"| {V} x {A} | {V * A / 1e6:.2f}M | {B} | {r * 1e3:.2f} | {e * 1e3:.2f} | {runs} |", flush=True)
     return 0
 

@@ -21,7 +21,9 @@ from `EnsembleState.fused`: a batched scorer of token continuations on each memb
 (``DecodeState.continuation_logprobs``) and each member's NLL of the prompt per byte.
 
 Speed defaults (``python -m dln_ens.bench decode``): ``tail_mass=1e-4, max_support=256``
-restrict the relative-space work to each distribution's top tokens (`fusion.relative`). Against
+restrict the relative-space work to each distribution's top tokens (`fusion.relative`), for
+members whose matrices are large enough for that to save work (`fusion.deepen.restricts`; small
+dense ones such as the zoo's are computed exactly, `python -m dln_ens.bench fusion`). Against
 the exact search on the same dense matrices it changed no argmax and cost KL ~1e-5; what
 limits fidelity is the *matrix* (sparse k=64 rows vs dense rows), not this restriction.
 ``tail_mass=0`` is the exact computation (the tests compare it with the published loop).

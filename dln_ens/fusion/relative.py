@@ -48,7 +48,8 @@ def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x.topk(k, dim=-1)`` (values descending, their indices) of a 2-D float tensor. On the
     CPU, for several rows of a wide vocabulary, numpy's introselect (argpartition) and a sort
     of the k kept values: the same values, 1.5-2.2x faster than torch's CPU top-k at 8-64
-    rows of 32k-65k ids with k = 256 (which index of two equal values is kept may differ)."""
+    rows of 32k-65k ids with k = 256 on one core (finite inputs: which index of two equal values
+    is kept may differ; a NaN is not placed first as torch places it)."""
     if (x.device.type != "cpu" or x.shape[0] < 8 or x.shape[-1] < 16 * k or x.requires_grad
             or x.dtype not in (torch.float32, torch.float64)):
         return x.topk(k, dim=-1)
@@ -66,7 +67,7 @@ class SupportRows:
     vals: torch.Tensor | None = None       # sparse: [B, S, k]
     residual: torch.Tensor | None = None   # sparse: [B, S]
     dense: torch.Tensor | None = None      # dense: [B, S, A]
-    whole: bool = False                    # dense, few rows: products with the whole matrix instead
+    whole: bool = False                    # dense: products with the whole matrix instead (`support_rows`)
 
 
 WHOLE_MATRIX = 8          # a dense matrix with at most this many rows per support token is used whole
