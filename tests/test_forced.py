@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from dln_ens.lm.forced import logits_at
+from dln_ens.lm.forced import logit_rows, logits_at
 from dln_ens.lm.hf import HFLanguageModel
 
 
@@ -51,6 +51,13 @@ def test_logits_at_equals_each_prefix_run_alone(lm):
     rng.shuffle(order)
     shuffled = logits_at(lm, seqs, groups, wanted, order=order)
     assert torch.allclose(shuffled[order], want, atol=1e-4)
+    # read by blocks (the ensemble's fusion): each block is those rows, across every source
+    rows = logit_rows(lm, seqs, groups, wanted, order=order)
+    assert len(rows) == len(want) and len(rows.sources) > 2
+    for size in (1, 3, 7, len(want) + 5):
+        blocks = [rows.take(a, a + size) for a in range(0, len(rows), size)]
+        assert all(len(x) == min(size, len(rows) - a) for x, a in zip(blocks, range(0, len(rows), size)))
+        assert torch.allclose(torch.cat(blocks)[order], want, atol=1e-4)
 
 
 def test_last_only_rows_branch_off_a_longer_row(lm):

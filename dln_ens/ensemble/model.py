@@ -51,7 +51,7 @@ from dln_ens.fusion.registry import fusion_class, fusion_settings, make_fusion
 from dln_ens.lm.base import Generation, Score, missing_member_parts
 from dln_ens.lm.batching import chunks
 from dln_ens.lm.context import ContextLengthError, cut_text_left
-from dln_ens.lm.forced import logits_at, per_target_sums
+from dln_ens.lm.forced import LogitRows, logit_rows, per_target_sums
 from dln_ens.lm.candidates import candidate_logprobs, check_candidates
 from dln_ens.lm.sampling import pick_tokens, sampling_seeds
 from dln_ens.lm.stopping import cut_at_stop, first_stop
@@ -294,13 +294,14 @@ class EnsembleLanguageModel:
         return out
 
     @torch.inference_mode()
-    def forced_member_logits(self, rows: list[tuple[str, list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    def forced_member_logits(self, rows: list[tuple[str, list[int], list[int]]]) -> dict[str, LogitRows]:
         """Teacher forcing over (context text, context ids, target ids) rows: per member the fusion
-        reads, its next-token logits before every target token, [sum of target lengths, V_member]
-        (pair by pair). The main member is conditioned on the ids; every other member on its own
+        reads, its next-token logits before every target token, sum of target lengths rows
+        (pair by pair) left where its forwards wrote them (`LogitRows`: the fusion copies one
+        block at a time). The main member is conditioned on the ids; every other member on its own
         tokenisation of the text before the token, as in generation, in one pass (`onepass`)."""
         main = self.main_member
-        logits = {self.main: logits_at(main, [c + t[:-1] for _, c, t in rows], [tuple(c) for _, c, _ in rows],
+        logits = {self.main: logit_rows(main, [c + t[:-1] for _, c, t in rows], [tuple(c) for _, c, _ in rows],
                                        [range(len(c) - 1, len(c) + len(t) - 1) for _, c, t in rows])}
         if self.others:
             surface = lambda k: (self.surfaces[k] if k < len(self.surfaces) else None) or b""   # noqa: E731
@@ -308,7 +309,7 @@ class EnsembleLanguageModel:
             for n in self.others:
                 reads = member_reads(self.members[n].tokenizer, prefixes, [x for x, _, _ in rows], window=self.window,
                                      verify=self.verify_alignment, name=n)
-                logits[n] = logits_at(self.members[n], reads.seqs, reads.groups, reads.wanted, order=reads.order)
+                logits[n] = logit_rows(self.members[n], reads.seqs, reads.groups, reads.wanted, order=reads.order)
         return logits
 
     @torch.inference_mode()
@@ -317,7 +318,7 @@ class EnsembleLanguageModel:
         (context text, context ids, target ids) rows (`forced_member_logits`, fused in blocks)."""
         logits = self.forced_member_logits(rows)
         P = len(logits[self.main])   # the fusion is row-independent: blocks keep its temporaries small
-        return torch.cat([self.fusion({n: x[a:a + FUSION_ROWS] for n, x in logits.items()})
+        return torch.cat([self.fusion({n: x.take(a, a + FUSION_ROWS) for n, x in logits.items()})
                           for a in range(0, P, FUSION_ROWS)])
 
     @torch.inference_mode()
@@ -326,7 +327,7 @@ class EnsembleLanguageModel:
         logits = self.forced_member_logits(rows)
         P = len(logits[self.main])   # the fusion is row-independent: blocks keep its temporaries small
         flat = torch.tensor([k for _, _, t in rows for k in t])
-        lp = torch.cat([self.fusion.target_logprobs({n: x[a:a + FUSION_ROWS] for n, x in logits.items()},
+        lp = torch.cat([self.fusion.target_logprobs({n: x.take(a, a + FUSION_ROWS) for n, x in logits.items()},
                                                     flat[a:a + FUSION_ROWS]) for a in range(0, P, FUSION_ROWS)])
         return per_target_sums(lp, [t for _, _, t in rows])
 

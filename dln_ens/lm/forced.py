@@ -8,6 +8,7 @@ holes, position ids count real tokens, and no row's result depends on the rows b
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 import torch
@@ -39,6 +40,42 @@ def logits_at(member, seqs: Sequence[Sequence[int]], groups: Sequence[Hashable],
     """Teacher forcing: the next-token logits after position j of ``seqs[i]`` (i.e. the logits
     of ``seqs[i][:j + 1]``) for every j in ``wanted[i]``, stacked in that order: [sum of
     len(wanted[i]), V] float32; with ``order``, the k-th of them goes to row ``order[k]``.
+    `logit_rows` without the copy into one tensor."""
+    return logit_rows(member, seqs, groups, wanted, order).take()
+
+
+@dataclass
+class LogitRows:
+    """Rows of logits left where the forwards wrote them: row k is ``sources[src[k]][row[k]]``.
+    ``take(a, b)`` copies rows a..b-1 into one [b - a, V] tensor, so a reader going by blocks
+    (the ensemble's fusion, a score's log-softmax) never holds, nor first touches, a copy of
+    all of them: for three members of 32k-65k ids and a few hundred positions that copy is
+    100+ MB of fresh pages per batch."""
+    sources: list[torch.Tensor]
+    src: list[int]
+    row: list[int]
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def take(self, a: int = 0, b: int | None = None) -> torch.Tensor:
+        b = len(self) if b is None else min(b, len(self))
+        first = self.sources[0]
+        out = torch.empty((max(b - a, 0), first.shape[-1]), dtype=first.dtype, device=first.device)
+        k = a
+        while k < b:   # one slice copy per run of consecutive rows of one source
+            s, r, n = self.src[k], self.row[k], 1
+            while k + n < b and self.src[k + n] == s and self.row[k + n] == r + n:
+                n += 1
+            out[k - a:k - a + n].copy_(self.sources[s][r:r + n])
+            k += n
+        return out
+
+
+@torch.inference_mode()
+def logit_rows(member, seqs: Sequence[Sequence[int]], groups: Sequence[Hashable],
+               wanted: Sequence[Sequence[int]], order: Sequence[int] | None = None) -> LogitRows:
+    """`logits_at`'s rows, as `LogitRows`.
 
     Sequences with the same ``groups`` key (e.g. one context with several targets) share a
     *stem*, their common prefix up to their first wanted position, which runs once (`prefill`);
@@ -64,7 +101,7 @@ def logits_at(member, seqs: Sequence[Sequence[int]], groups: Sequence[Hashable],
     place = list(range(starts[-1])) if order is None else list(order)
 
     stem_logits, cache, mask = prefill(member, [list(seqs[groups.index(k)][:stem_len[k]]) for k in keys])
-    out = torch.empty((starts[-1], stem_logits.shape[-1]), dtype=stem_logits.dtype, device=stem_logits.device)
+    out = LogitRows([], [0] * starts[-1], [0] * starts[-1])
     full, last = [], []   # rows whose rest runs, by layout
     dst, src = [], []     # positions read off their stem's last logits
     for i, g in enumerate(groups):
@@ -74,7 +111,7 @@ def logits_at(member, seqs: Sequence[Sequence[int]], groups: Sequence[Hashable],
                 src.append(stem_of[g])
         if max(wanted[i]) >= stem_len[g]:
             (last if set(wanted[i]) == {len(seqs[i]) - 1} else full).append(i)
-    _copy_rows(out, dst, stem_logits, src)
+    _place(out, dst, stem_logits, src)
     lens = [max(wanted[i]) + 1 for i in full]   # tokens of each full row in its cache
     branch = _branches(seqs, groups, stem_len, full, lens, last)
     last = [i for i in last if i not in branch]
@@ -82,7 +119,7 @@ def logits_at(member, seqs: Sequence[Sequence[int]], groups: Sequence[Hashable],
         c = copy.deepcopy(cache) if full else cache
         logits, _, _ = _run_rests(member, c, mask, [stem_of[groups[i]] for i in last],
                                   [seqs[i][stem_len[groups[i]]:] for i in last], last_only=True)
-        _copy_rows(out, [place[starts[i] + len(wanted[i]) - 1] for i in last], logits, list(range(len(last))))
+        _place(out, [place[starts[i] + len(wanted[i]) - 1] for i in last], logits, list(range(len(last))))
     if full:
         stem_width = mask.shape[1]
         logits, cache, mask = _run_rests(member, cache, mask, [stem_of[groups[i]] for i in full],
@@ -94,12 +131,12 @@ def logits_at(member, seqs: Sequence[Sequence[int]], groups: Sequence[Hashable],
                 if j >= stem_len[groups[i]]:
                     dst.append(place[starts[i] + k])
                     src.append(r * width + j - stem_len[groups[i]])
-        _copy_rows(out, dst, logits.reshape(-1, logits.shape[-1]), src)
+        _place(out, dst, logits.reshape(-1, logits.shape[-1]), src)
     if branch:
         rows = list(branch)
         logits = _run_branches(member, cache, mask, stem_width, [branch[i] for i in rows], [seqs[i] for i in rows],
                                [stem_len[groups[i]] for i in rows])
-        _copy_rows(out, [place[starts[i] + len(wanted[i]) - 1] for i in rows], logits, list(range(len(rows))))
+        _place(out, [place[starts[i] + len(wanted[i]) - 1] for i in rows], logits, list(range(len(rows))))
     return out
 
 
@@ -156,16 +193,12 @@ def _run_rests(member, cache, mask: torch.Tensor, stems: list[int], rests: list[
     return logits, cache, m
 
 
-def _copy_rows(out: torch.Tensor, dst: list[int], src: torch.Tensor, rows: list[int]) -> None:
-    """``out[dst[k]] = src[rows[k]]``, one slice copy per run of consecutive rows (teacher-forced
-    positions come in runs: no gathered temporary of the whole block)."""
-    k = 0
-    while k < len(dst):
-        n = 1
-        while k + n < len(dst) and dst[k + n] == dst[k] + n and rows[k + n] == rows[k] + n:
-            n += 1
-        out[dst[k]:dst[k] + n].copy_(src[rows[k]:rows[k] + n])
-        k += n
+def _place(out: LogitRows, dst: list[int], src: torch.Tensor, rows: list[int]) -> None:
+    """Rows ``dst[k]`` of ``out`` are row ``rows[k]`` of ``src`` (added as a source)."""
+    out.sources.append(src)
+    for d, r in zip(dst, rows):
+        out.src[d] = len(out.sources) - 1
+        out.row[d] = r
 
 
 def summed_logprobs(logits: torch.Tensor, targets: Sequence[Sequence[int]]) -> list[float]:
