@@ -1,4 +1,5 @@
 """Fusion math against straightforward implementations written here (DeePEn's reference loop)."""
+import pytest
 import torch
 
 from deepen_reference import reference_inverse
@@ -181,6 +182,31 @@ def test_tail_logsumexp_at_several_scales():
     got = tail_logsumexp(x, scales, elements=3 * 3 * 300)   # columns in chunks of 300
     want = torch.stack([torch.logsumexp(s * x, -1) for s in scales], -1)
     assert torch.allclose(got, want, atol=1e-5) and torch.isneginf(got[2]).all()
+
+
+@pytest.mark.parametrize("lr,steps", [(0.15, 5), (0.5, 10)])
+def test_tail_logsumexp_power_series_against_one_exp_per_scale(lr, steps):
+    """Scales near 1 (a search's weight decay) take the power-series form: it matches one exp
+    per scale in float64 to its error bound, on rows built to be its worst case (every entry at
+    the distance where the bound peaks), spread rows, -inf entries and an empty row."""
+    from dln_ens.fusion.inverse import SERIES_TOL, decay_scales, series_terms, tail_logsumexp
+    scales = decay_scales(lr, steps)
+    V = 6000
+    K = series_terms(1 - min(scales), V)
+    assert K is not None and K >= 2
+    g = torch.Generator().manual_seed(5)
+    x = -40 * torch.rand(5, V, generator=g, dtype=torch.float64)
+    x[1] = -(K + 1) / min(scales)              # the bound's worst distance
+    x[2] = -torch.rand(V, generator=g, dtype=torch.float64) * 3
+    x[3, ::2] = float("-inf")
+    x[4] = float("-inf")                       # an empty tail
+    x[:4, 0] = 0.0                             # each row's largest entry is 0
+    got = tail_logsumexp(x, scales, elements=4 * 700)
+    want = torch.stack([torch.logsumexp(s * x, -1) for s in scales], -1)
+    assert torch.isneginf(got[4]).all()
+    assert (got[:4] - want[:4]).abs().max() <= 2 * SERIES_TOL
+    got32 = tail_logsumexp(x.float(), scales)
+    assert torch.allclose(got32[:4], want[:4].float(), atol=2e-6) and torch.isneginf(got32[4]).all()
 
 
 def test_logits_that_carry_gradients_fuse_as_plain_ones():

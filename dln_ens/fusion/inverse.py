@@ -53,18 +53,57 @@ def decay_scales(lr: float, steps: int) -> list[float]:
     return out
 
 
+SERIES_TOL = 1e-9   # relative error allowed in a tail's sums by `tail_logsumexp`'s power series
+SERIES_TERMS = 8    # ... and the most terms it takes (more: one exp per scale instead)
+
+
+def series_terms(delta: float, n: int) -> int | None:
+    """The fewest terms K with which ``sum_k (delta x)^k / k!`` (k <= K) gives ``sum_i exp((1 -
+    delta) x_i)`` over n entries x_i <= 0, whose largest is 0, to a relative error at most
+    SERIES_TOL, or None (more than SERIES_TERMS). The error of entry i is at most
+    exp(x_i) |delta x_i|^(K+1) exp(|delta x_i|) / (K+1)!, largest at |x_i| = (K+1) / (1 - delta):
+    n times that over a sum >= 1 (its largest term) bounds the relative error."""
+    if not 0 <= delta < 1:
+        return None
+    for k in range(SERIES_TERMS + 1):
+        u = delta * (k + 1) / ((1 - delta) * math.e)
+        if n * u ** (k + 1) / math.factorial(k + 1) <= SERIES_TOL:
+            return k
+    return None
+
+
 def tail_logsumexp(tail: torch.Tensor, scales: list[float], elements: int = 1 << 17) -> torch.Tensor:
-    """[B, len(scales)]: ``log sum_i exp(s * tail[b, i])`` for each scale s, in one pass over
-    the tail (entries <= 0, -inf for none): all scales at once on column chunks of about
-    ``elements`` [B, scales, columns] entries (few ops for a decoding step's rows, and chunks
-    that stay in cache for a scored block's)."""
+    """[B, len(scales)]: ``log sum_i exp(s * tail[b, i])`` for each scale s in (0, 1], in one pass
+    over the tail (entries <= 0, each row's largest 0 or the row all -inf, which gives -inf),
+    on column chunks of about ``elements`` entries that stay in cache.
+
+    The decay scales of a search are close to 1 (0.993 after DeePEn's 5 steps), so
+    ``exp(s x) = exp(x) exp((s - 1) x)`` and the second factor's power series give every scale
+    from one exp and K moments ``sum_i exp(x_i) x_i^k`` (all terms >= 0, no cancellation; K from
+    `series_terms`, 5 for a 32k vocabulary): a third of the time of one exp per scale. Scales
+    further from 1 take one exp per scale."""
     B, V = tail.shape
-    s = torch.tensor(scales, dtype=tail.dtype, device=tail.device)[:, None]
-    width = max(256, elements // max(B * len(scales), 1))
-    acc = tail.new_zeros((B, len(scales)))
+    low = min(scales)
+    K = series_terms(1.0 - low, V) if low > 0 else None
+    if K is None:
+        s = torch.tensor(scales, dtype=tail.dtype, device=tail.device)[:, None]
+        width = max(256, elements // max(B * len(scales), 1))
+        acc = tail.new_zeros((B, len(scales)))
+        for lo in range(0, V, width):
+            acc += (tail[:, None, lo:lo + width] * s).exp_().sum(-1)
+        return acc.log_()
+    width = max(256, elements // max(B, 1))
+    moments = tail.new_zeros((B, K + 1))
     for lo in range(0, V, width):
-        acc += (tail[:, None, lo:lo + width] * s).exp_().sum(-1)
-    return acc.log_()
+        x = tail[:, lo:lo + width]
+        t = x.exp()
+        moments[:, 0] += t.sum(-1)
+        x = x.clamp_min(-1e4)   # exp(x) is 0 there: keeps -inf * 0 out
+        for k in range(1, K + 1):
+            moments[:, k] += t.mul_(x).sum(-1)
+    coef = torch.tensor([[(s - 1.0) ** k / math.factorial(k) for s in scales] for k in range(K + 1)],
+                        dtype=tail.dtype, device=tail.device)
+    return (moments @ coef).log_()
 
 
 def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: float = 0.15, steps: int = 5,
