@@ -241,13 +241,18 @@ def test_default_settings_compute_small_dense_matrices_exactly(monkeypatch):
 
 
 def test_top_k_matches_torch_topk():
-    """`relative.top_k` (numpy's argpartition on the CPU for several wide rows) returns torch's
-    top-k values in order, at indices that hold them, each index once, ties included."""
+    """`relative.top_k` (a selection over the groups with the largest maxima, on the CPU for
+    wide rows) returns torch's top-k values in order, at indices that hold them, each index
+    once, ties included."""
     from dln_ens.fusion.relative import top_k
     g = torch.Generator().manual_seed(5)
-    for B, V, k in ((8, 5000, 256), (12, 33000, 256), (8, 4096, 256), (10, 20000, 64)):   # numpy's path
+    for B, V, k in ((8, 5000, 256), (12, 33003, 256), (8, 4096, 256), (10, 20000, 64), (1, 32003, 256),
+                    (3, 4096, 256)):   # the grouped path (widths with and without columns after the last group)
         x = torch.softmax(4 * torch.randn(B, V, generator=g), -1)
         x[0, :600] = x[0, 0]          # a tie across the boundary of the kept set
+        if B > 1:
+            x[1, ::7] = x[1].max()    # many tied maxima, spread over every group
+            x[2, -3:] = 1.0           # the largest in the columns after the last whole group
         vals, idx = top_k(x, k)
         want = x.topk(k, dim=-1).values
         assert torch.equal(vals, want)
