@@ -191,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dln_ens.allocator import keep_freed_memory_unless_disabled
     from dln_ens.errors import UserError
     try:
+        keep_freed_memory_unless_disabled()
         return args.fn(args)
     except UserError as e:  # inputs to fix: the message says what and how; no traceback
         print(f"dln-ens {args.command}: error: {e}", file=sys.stderr)

@@ -19,6 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in available:
         print(f"usage: python -m dln_ens.bench {{{'|'.join(available)}}} [options]", file=sys.stderr)
         return 2
+    from dln_ens.allocator import keep_freed_memory_unless_disabled
+    from dln_ens.errors import UserError
+    try:
+        keep_freed_memory_unless_disabled()
+    except UserError as e:
+        print(f"python -m dln_ens.bench: error: {e}", file=sys.stderr)
+        return 2
     return importlib.import_module(available[argv[0]]).main(argv[1:]) or 0
 
 

@@ -8,7 +8,8 @@ random weights (width 256, 4 layers), sparse k=64 matrices (cached in ``--workdi
 Reports, as the fastest of ``--repeats`` runs taken in turn in one process (so the ratios
 compare like with like on a shared machine): each member's own ``score`` of the pairs, their
 sum, the ensemble's default one-pass ``score`` and its exact mode; the ratios to the sum; the
-one-pass score's fastest run by part (`bench.decode.timed_parts`) and its ratio without the fusion; and
+one-pass score's fastest run by part (`bench.decode.timed_parts`) and its ratio without the fusion; the
+page faults of each fastest run (fresh pages the process took: see `dln_ens.allocator`); and
 the gap between the one-pass and the exact scores (mean and max per target token, and the
 share of prefixes a member had to compute on their own because its tokenisation of the
 prefix is not a prefix of its tokenisation of the whole text).
@@ -37,16 +38,31 @@ def make_pairs(main, contexts: int, targets: int, length: int, seed: int) -> tup
     return ctxs, tgts
 
 
-def fastest(fns: dict, repeats: int) -> dict:
-    """Seconds of each callable, the fastest of ``repeats`` rounds (all callables once per round)."""
+def fastest(fns: dict, repeats: int, faults: dict | None = None) -> dict:
+    """Seconds of each callable, the fastest of ``repeats`` rounds (all callables once per round);
+    ``faults``, if given, gets the page faults of each one's fastest run (where the OS counts them)."""
     best = {k: float("inf") for k in fns}
     out = {}
     for _ in range(repeats):
         for k, fn in fns.items():
+            f0 = page_faults()
             t0 = time.perf_counter()
             out[k] = fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            if took < best[k]:
+                best[k] = took
+                if faults is not None and f0 is not None:
+                    faults[k] = page_faults() - f0
     return best, out
+
+
+def page_faults() -> int | None:
+    """This process's page faults so far (minor ones: pages first touched), None where unknown."""
+    try:
+        import resource
+    except ImportError:   # not a Unix system
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def main(argv=None):
@@ -88,15 +104,16 @@ def main(argv=None):
         exact = EnsembleLanguageModel(members, main_name, mats, batch_size=args.batch_size, score_mode="exact")
         fns["ensemble (exact)"] = lambda: exact.score(ctxs, tgts)
     ens.score(ctxs[:2], tgts[:2])   # warm-up
+    faults: dict[str, int] = {}
     with timed_parts(ens) as spent:
-        best, out = fastest(fns, args.repeats)
+        best, out = fastest(fns, args.repeats, faults)
     total = sum(best[n] for n in members)
     ntok = sum(s.num_tokens for s in out["ensemble (one-pass)"])
     print(f"\n{len(ctxs)} pairs ({args.contexts} contexts of ~{args.context_tokens} tokens x {args.targets} "
           f"targets, {ntok} main-member target tokens), batch {args.batch_size}; seconds, fastest of "
           f"{args.repeats}")
     for k, v in best.items():
-        print(f"  {k:24s} {v:8.3f} s")
+        print(f"  {k:24s} {v:8.3f} s" + (f"   {faults[k]:9,d} page faults" if k in faults else ""))
     print(f"  {'sum of members':24s} {total:8.3f} s")
     for k in ("ensemble (one-pass)", "ensemble (exact)"):
         if k in best:
