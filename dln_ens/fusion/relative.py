@@ -182,7 +182,7 @@ def relative_grad(g_r: torch.Tensor, mat: RelRepMatrix, support: Support | None 
     if rows.dense is not None:
         return torch.einsum("bsa,ba->bs", rows.dense, g_r)
     picked = g_r.gather(1, rows.cols).view(rows.vals.shape)
-    return (picked * rows.vals).sum(-1) + rows.residual * uniform
+    return picked.mul_(rows.vals).sum(-1) + rows.residual * uniform
 
 
 def aggregate(rels: list[torch.Tensor], weights: list) -> torch.Tensor:
