@@ -17,6 +17,14 @@ import torch
 # box). Set DLN_ENS_TEST_THREADS to use more.
 torch.set_num_threads(int(os.environ.get("DLN_ENS_TEST_THREADS", "1")))
 
+
+@pytest.fixture(autouse=True)
+def _leave_the_allocator_alone(monkeypatch):
+    """Command-line entry points called in a test (`dln_ens.cli.main`) would change the C
+    allocator's settings of the whole test process (`dln_ens.allocator`); tests of that switch
+    set the variable themselves."""
+    monkeypatch.setenv("DLN_ENS_KEEP_FREED_MEMORY", "0")
+
 WORDS = ("yes no maybe answer input question the a of to is was cat dog red blue green left right "
          "step steps turn walk forward back true false one two three four five north south east west "
          "think thoughts correct because therefore").split()

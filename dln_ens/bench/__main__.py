@@ -22,10 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     from dln_ens.allocator import keep_freed_memory_unless_disabled
     from dln_ens.errors import UserError
     try:
-        keep_freed_memory_unless_disabled()
+        kept = keep_freed_memory_unless_disabled()
     except UserError as e:
         print(f"python -m dln_ens.bench: error: {e}", file=sys.stderr)
         return 2
+    print(f"freed memory kept in the process: {'yes' if kept else 'no'} (dln_ens.allocator)", flush=True)
     return importlib.import_module(available[argv[0]]).main(argv[1:]) or 0
 
 

@@ -282,9 +282,7 @@ def start(args):
     """Threads, the header line, the members and their sparse k=64 matrices (cached in --workdir)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    from dln_ens import allocator
-    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}, freed memory kept "
-          f"{'yes' if allocator.kept else 'no'} (`dln_ens.allocator`)", flush=True)
+    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}", flush=True)
     torch.set_grad_enabled(False)
     members = make_members(args.tokenizers, args.width, args.layers, args.head_scale, args.seed)
     args.workdir.mkdir(parents=True, exist_ok=True)

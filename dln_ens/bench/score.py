@@ -20,6 +20,7 @@ import argparse
 import random
 import time
 
+from dln_ens.allocator import page_faults
 from dln_ens.bench.decode import make_prompts, member_arguments, start, timed_parts
 
 
@@ -54,15 +55,6 @@ def fastest(fns: dict, repeats: int, faults: dict | None = None) -> dict:
                 if faults is not None and f0 is not None:
                     faults[k] = page_faults() - f0
     return best, out
-
-
-def page_faults() -> int | None:
-    """This process's page faults so far (minor ones: pages first touched), None where unknown."""
-    try:
-        import resource
-    except ImportError:   # not a Unix system
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def main(argv=None):

@@ -40,7 +40,7 @@ def logits_at(member, seqs: Sequence[Sequence[int]], groups: Sequence[Hashable],
     """Teacher forcing: the next-token logits after position j of ``seqs[i]`` (i.e. the logits
     of ``seqs[i][:j + 1]``) for every j in ``wanted[i]``, stacked in that order: [sum of
     len(wanted[i]), V] float32; with ``order``, the k-th of them goes to row ``order[k]``.
-    `logit_rows` without the copy into one tensor."""
+    `logit_rows`, copied into one tensor."""
     return logit_rows(member, seqs, groups, wanted, order).take()
 
 
@@ -48,9 +48,10 @@ def logits_at(member, seqs: Sequence[Sequence[int]], groups: Sequence[Hashable],
 class LogitRows:
     """Rows of logits left where the forwards wrote them: row k is ``sources[src[k]][row[k]]``.
     ``take(a, b)`` copies rows a..b-1 into one [b - a, V] tensor, so a reader going by blocks
-    (the ensemble's fusion, a score's log-softmax) never holds, nor first touches, a copy of
-    all of them: for three members of 32k-65k ids and a few hundred positions that copy is
-    100+ MB of fresh pages per batch."""
+    (the ensemble's fusion) never makes a copy of all of them: for three members of 32k-65k
+    ids and a few hundred positions that copy was 100+ MB of fresh pages per batch. The sources
+    (a forward's logits over every position of its padded rows) stay alive as long as this
+    object; a row that is a view into a larger tensor is copied when placed (`_place`)."""
     sources: list[torch.Tensor]
     src: list[int]
     row: list[int]
@@ -60,6 +61,8 @@ class LogitRows:
 
     def take(self, a: int = 0, b: int | None = None) -> torch.Tensor:
         b = len(self) if b is None else min(b, len(self))
+        if not 0 <= a <= b:
+            raise IndexError(f"rows {a}..{b} of {len(self)}")
         first = self.sources[0]
         out = torch.empty((max(b - a, 0), first.shape[-1]), dtype=first.dtype, device=first.device)
         k = a
@@ -101,7 +104,7 @@ def logit_rows(member, seqs: Sequence[Sequence[int]], groups: Sequence[Hashable]
     place = list(range(starts[-1])) if order is None else list(order)
 
     stem_logits, cache, mask = prefill(member, [list(seqs[groups.index(k)][:stem_len[k]]) for k in keys])
-    out = LogitRows([], [0] * starts[-1], [0] * starts[-1])
+    out = LogitRows([], [-1] * starts[-1], [-1] * starts[-1])
     full, last = [], []   # rows whose rest runs, by layout
     dst, src = [], []     # positions read off their stem's last logits
     for i, g in enumerate(groups):
@@ -137,6 +140,7 @@ def logit_rows(member, seqs: Sequence[Sequence[int]], groups: Sequence[Hashable]
         logits = _run_branches(member, cache, mask, stem_width, [branch[i] for i in rows], [seqs[i] for i in rows],
                                [stem_len[groups[i]] for i in rows])
         _place(out, [place[starts[i] + len(wanted[i]) - 1] for i in rows], logits, list(range(len(rows))))
+    assert -1 not in out.src, "a wanted position was not computed"
     return out
 
 
@@ -194,7 +198,11 @@ def _run_rests(member, cache, mask: torch.Tensor, stems: list[int], rests: list[
 
 
 def _place(out: LogitRows, dst: list[int], src: torch.Tensor, rows: list[int]) -> None:
-    """Rows ``dst[k]`` of ``out`` are row ``rows[k]`` of ``src`` (added as a source)."""
+    """Rows ``dst[k]`` of ``out`` are row ``rows[k]`` of ``src`` (added as a source; copied if it
+    is a view into a larger tensor, e.g. a model's last-position logits sliced from every
+    position's, which would otherwise stay alive)."""
+    if src.untyped_storage().nbytes() > src.numel() * src.element_size():
+        src = src.clone()
     out.sources.append(src)
     for d, r in zip(dst, rows):
         out.src[d] = len(out.sources) - 1
