@@ -4,8 +4,9 @@ A fused step allocates and frees many short-lived tensors ([rows, V] and [rows, 
 temporaries of 2-8 MB each at 32 rows, several hundred MB per scored batch). Under glibc's
 defaults much of that memory goes back to the kernel when freed (blocks above the adaptive mmap
 threshold are unmapped, the free top of the heap is trimmed), so the next tensors take it again
-page by page: a one-pass ensemble score of 48 pairs over three members of 32k-65k ids took about
-500,000 page faults (`python -m dln_ens.bench score` prints each run's count).
+page by page: a one-pass ensemble score of 48 pairs over three members of 32k-65k ids took
+168,000-321,000 page faults, 8,000-74,000 with the settings below (`python -m dln_ens.bench
+score` prints each run's count).
 
 `keep_freed_memory` sets glibc's thresholds (``mallopt``): blocks up to 32 MB come from the heap,
 and the heap's free top is given back only above ``trim`` bytes (freed blocks below live ones stay
