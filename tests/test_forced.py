@@ -60,6 +60,29 @@ def test_logits_at_equals_each_prefix_run_alone(lm):
         assert torch.allclose(torch.cat(blocks)[order], want, atol=1e-4)
 
 
+def test_summed_logprobs_by_blocks(lm, monkeypatch):
+    """A member's score sums log-softmax at its targets reading a few rows at a time: the same
+    sums as the log-softmax of all rows at once."""
+    from dln_ens.lm import forced
+    rng = random.Random(4)
+    V = lm.vocab_size
+    ctx = [rng.randrange(V) for _ in range(6)]
+    targets = [[rng.randrange(V) for _ in range(n)] for n in (5, 1, 7)]
+    seqs = [ctx + t[:-1] for t in targets]
+    wanted = [range(len(ctx) - 1, len(ctx) + len(t) - 1) for t in targets]
+    logits = logits_at(lm, seqs, ["c"] * 3, wanted)
+    flat = torch.tensor([k for t in targets for k in t])
+    lp = torch.log_softmax(logits, -1).gather(1, flat[:, None])[:, 0].tolist()
+    want, at = [], 0
+    for t in targets:
+        want.append(sum(lp[at:at + len(t)]))
+        at += len(t)
+    for rows in (1, 4, 100):
+        monkeypatch.setattr(forced, "SCORE_ROWS", rows)
+        got = forced.summed_logprobs(logit_rows(lm, seqs, ["c"] * 3, wanted), targets)
+        assert got == pytest.approx(want, abs=1e-4)
+
+
 def test_last_only_rows_branch_off_a_longer_row(lm):
     """Rows read at their end only that share more than the stem with a fully read row (the
     one-pass score's prefixes whose tokenisation differs from the whole text's in its last

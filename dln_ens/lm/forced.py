@@ -49,7 +49,8 @@ class LogitRows:
     """Rows of logits left where the forwards wrote them: row k is ``sources[src[k]][row[k]]``.
     ``take(a, b)`` copies rows a..b-1 into one [b - a, V] tensor, so a reader going by blocks
     (the ensemble's fusion) never makes a copy of all of them: for three members of 32k-65k
-    ids and a few hundred positions that copy was 100+ MB of fresh pages per batch. The sources
+    ids and a few hundred positions that copy was 100+ MB of fresh pages per batch; a member's own
+    score reads them by blocks too (`summed_logprobs`). The sources
     (a forward's logits over every position of its padded rows) stay alive as long as this
     object; a row that is a view into a larger tensor is copied when placed (`_place`)."""
     sources: list[torch.Tensor]
@@ -209,11 +210,20 @@ def _place(out: LogitRows, dst: list[int], src: torch.Tensor, rows: list[int]) -
         out.row[d] = r
 
 
-def summed_logprobs(logits: torch.Tensor, targets: Sequence[Sequence[int]]) -> list[float]:
-    """Per target, the sum of log_softmax(logits) at its tokens; ``logits`` [sum of lengths, V]
-    holds the targets' positions one after the other."""
-    flat = torch.tensor([t for tgt in targets for t in tgt], device=logits.device)
-    return per_target_sums(torch.log_softmax(logits, -1).gather(1, flat[:, None])[:, 0], targets)
+SCORE_ROWS = 256   # positions per log-softmax of `summed_logprobs` (bounds its [rows, V] temporaries)
+
+
+def summed_logprobs(logits: LogitRows, targets: Sequence[Sequence[int]]) -> list[float]:
+    """Per target, the sum of log_softmax(logits) at its tokens; ``logits`` holds the targets'
+    positions one after the other. Read SCORE_ROWS rows at a time: no [positions, V] copy or
+    log-softmax of all of them (GBs for long targets over a 100k+ vocabulary)."""
+    first = logits.sources[0]
+    flat = torch.tensor([t for tgt in targets for t in tgt], device=first.device)
+    lp = torch.empty(len(flat), dtype=first.dtype, device=first.device)
+    for a in range(0, len(flat), SCORE_ROWS):
+        block = torch.log_softmax(logits.take(a, a + SCORE_ROWS), -1)
+        lp[a:a + len(block)] = block.gather(1, flat[a:a + SCORE_ROWS, None])[:, 0]
+    return per_target_sums(lp, targets)
 
 
 def per_target_sums(lp: torch.Tensor, targets: Sequence[Sequence[int]]) -> list[float]:

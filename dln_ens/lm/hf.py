@@ -29,7 +29,7 @@ from dln_ens.lm.batching import chunks
 from dln_ens.lm.checkpoint import check_model_dir, unreadable_checkpoint
 from dln_ens.lm.context import ContextLengthError, check_policy, keep_end
 from dln_ens.lm.decoder import DecodeState
-from dln_ens.lm.forced import logits_at, prefill, summed_logprobs
+from dln_ens.lm.forced import logit_rows, prefill, summed_logprobs
 from dln_ens.lm.loading import resolve_dtype
 from dln_ens.lm.candidates import candidate_logprobs, check_candidates
 from dln_ens.lm.sampling import pick_tokens, sampling_seeds
@@ -297,7 +297,7 @@ class HFLanguageModel:
     def _score_batch(self, pairs):
         seqs = [list(c) + list(t[:-1]) for c, t in pairs]
         wanted = [range(len(c) - 1, len(c) + len(t) - 1) for c, t in pairs]
-        logits = logits_at(self, seqs, [tuple(c) for c, _ in pairs], wanted)
+        logits = logit_rows(self, seqs, [tuple(c) for c, _ in pairs], wanted)
         return summed_logprobs(logits, [t for _, t in pairs])
 
     @torch.inference_mode()
