@@ -39,8 +39,9 @@ def make_pairs(main, contexts: int, targets: int, length: int, seed: int) -> tup
     return ctxs, tgts
 
 
-def fastest(fns: dict, repeats: int, faults: dict | None = None) -> dict:
-    """Seconds of each callable, the fastest of ``repeats`` rounds (all callables once per round);
+def fastest(fns: dict, repeats: int, faults: dict | None = None) -> tuple[dict, dict]:
+    """Seconds of each callable, the fastest of ``repeats`` rounds (all callables once per round),
+    and each one's last result;
     ``faults``, if given, gets the page faults of each one's fastest run (where the OS counts them)."""
     best = {k: float("inf") for k in fns}
     out = {}

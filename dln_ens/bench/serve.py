@@ -22,6 +22,7 @@ import time
 import httpx
 
 from dln_ens.backends import BackendPool
+from dln_ens.bench.score import fastest
 from dln_ens.config import load_config
 from dln_ens.io import markdown_table
 from dln_ens.lm.openai import OpenAILanguageModel
@@ -32,15 +33,6 @@ WORDS = "red blue green cat dog left right north south one two three".split()
 def workload(n: int) -> tuple[list[str], list[str]]:
     prompts = [f"Question: is the {WORDS[i % 12]} {WORDS[(i * 5) % 12]} number {i}?\nAnswer:" for i in range(n)]
     return prompts, [" Yes" if i % 2 else " No" for i in range(n)]
-
-
-def fastest(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 class OneByOne:
@@ -85,8 +77,9 @@ def bench_backend(args, backend: str) -> list[dict]:
 
     def row(mode, conc, who):
         who.generate(prompts[:2], **kw)   # warm-up
-        g = fastest(lambda: who.generate(prompts, **kw), args.repeats)
-        s = fastest(lambda: who.score(prompts, targets), args.repeats)
+        best, _ = fastest({"g": lambda: who.generate(prompts, **kw), "s": lambda: who.score(prompts, targets)},
+                          args.repeats)
+        g, s = best["g"], best["s"]
         rows.append({"backend": backend, "mode": mode, "concurrency": conc, "generate req/s": args.n / g,
                      "score req/s": args.n / s, "_g": g, "_s": s})
 

@@ -317,20 +317,21 @@ class EnsembleLanguageModel:
     def forced_distributions(self, rows: list[tuple[str, list[int], list[int]]]) -> torch.Tensor:
         """[sum of target lengths, V_main] fused log-probabilities before every target token of
         (context text, context ids, target ids) rows (`forced_member_logits`, fused in blocks)."""
-        logits = self.forced_member_logits(rows)
-        P = len(logits[self.main])   # the fusion is row-independent: blocks keep its temporaries small
-        return torch.cat([self.fusion({n: x.take(a, a + FUSION_ROWS) for n, x in logits.items()})
-                          for a in range(0, P, FUSION_ROWS)])
+        return self._by_blocks(self.forced_member_logits(rows), lambda block, a: self.fusion(block))
 
     @torch.inference_mode()
     def _score_onepass(self, rows: list[tuple[str, list[int], list[int]]]) -> list[float]:
-        """Summed fused log-probs of (context text, context ids, target ids) rows, one fusion call."""
-        logits = self.forced_member_logits(rows)
-        P = len(logits[self.main])   # the fusion is row-independent: blocks keep its temporaries small
+        """Summed fused log-probs of (context text, context ids, target ids) rows (fused in blocks)."""
         flat = torch.tensor([k for _, _, t in rows for k in t])
-        lp = torch.cat([self.fusion.target_logprobs({n: x.take(a, a + FUSION_ROWS) for n, x in logits.items()},
-                                                    flat[a:a + FUSION_ROWS]) for a in range(0, P, FUSION_ROWS)])
+        lp = self._by_blocks(self.forced_member_logits(rows),
+                             lambda block, a: self.fusion.target_logprobs(block, flat[a:a + FUSION_ROWS]))
         return per_target_sums(lp, [t for _, _, t in rows])
+
+    def _by_blocks(self, logits: dict[str, LogitRows], fuse) -> torch.Tensor:
+        """``fuse(block, a)`` on every FUSION_ROWS positions a.. of the members' rows (the fusion is
+        row-independent: blocks keep its temporaries small), the results concatenated."""
+        return torch.cat([fuse({n: x.take(a, a + FUSION_ROWS) for n, x in logits.items()}, a)
+                          for a in range(0, len(logits[self.main]), FUSION_ROWS)])
 
     @torch.inference_mode()
     def next_token_distribution(self, contexts: list[str]) -> torch.Tensor:

@@ -65,7 +65,7 @@ class LogitRows:
         if not 0 <= a <= b:
             raise IndexError(f"rows {a}..{b} of {len(self)}")
         first = self.sources[0]
-        out = torch.empty((max(b - a, 0), first.shape[-1]), dtype=first.dtype, device=first.device)
+        out = torch.empty((b - a, first.shape[-1]), dtype=first.dtype, device=first.device)
         k = a
         while k < b:   # one slice copy per run of consecutive rows of one source
             s, r, n = self.src[k], self.row[k], 1
