@@ -91,6 +91,59 @@ def test_support_restriction_is_close_to_exact(monkeypatch):
     assert (err <= 2e-3 + 1e-6).all()
 
 
+def restricted_reference(z, q, dense, idx, lr, steps):
+    """The support-restricted search as its definition reads (`fusion.inverse`), one row in
+    float64 with autograd and torch's AdamW + CosineAnnealingLR: only the support's logits
+    ``idx`` are parameters; the tail's logits are z * (the weight decay so far), in the softmax
+    normaliser; r = p_S @ R_S + (the tail's mass) / A. Returns the final log-probabilities."""
+    z, q, dense = z.double(), q.double(), dense.double()
+    tail = torch.ones_like(z, dtype=torch.bool)
+    tail[idx] = False
+    param = z[idx].clone().requires_grad_(True)
+    opt = torch.optim.AdamW([param], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10, eta_min=lr / 4)
+    scale = 1.0
+
+    def full(param, scale):
+        out = z * scale
+        return out.index_put((idx,), param)
+
+    for t in range(steps):
+        p = torch.softmax(full(param, scale), -1)
+        r = p[idx] @ dense[idx] + p[tail].sum() / dense.shape[1]
+        loss = (q * (q.log() - r.log())).mean()   # KLDivLoss(reduction="mean")(r.log(), q)
+        opt.zero_grad()
+        loss.backward()
+        scale *= 1 - opt.param_groups[0]["lr"] * 0.01   # AdamW's decoupled weight decay, on the tail too
+        opt.step()
+        sched.step()
+    return torch.log_softmax(full(param.detach(), scale), -1)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_restricted_search_against_its_definition(flat):
+    """With a support, `deepen_inverse` (tail normaliser from the softmax's probabilities, at
+    every step's weight decay) equals the restricted search written out, the whole distribution
+    and the targets' entries (on the support and in the tail); a tail with -inf logits too."""
+    V, A, B = 3000, 80, 4
+    dense = random_matrix(V, A, seed=7)
+    mat = dense_to_sparse(dense, 12)
+    dense = mat.to_dense()
+    z = peaked_logits(B, V, 0.3 if flat else 2.5, seed=8)
+    z[1, 2000:2100] = float("-inf")
+    q = torch.softmax(torch.randn(B, A, generator=torch.Generator().manual_seed(9)), -1)
+    p = torch.softmax(z, -1)
+    sup = top_mass_support(p, 1e-3, 64)
+    assert (sup.valid.sum(-1) < V).all()
+    got = deepen_inverse(z, q, mat, 0.15, 5, support=sup, probs=p.clone())
+    targets = torch.tensor([int(sup.idx[0, 0]), 2500, 2050, int(sup.idx[3, 5])])
+    got_t = deepen_inverse(z, q, mat, 0.15, 5, support=sup, targets=targets)
+    for b in range(B):
+        want = restricted_reference(z[b], q[b], dense, sup.idx[b][sup.valid[b]], 0.15, 5)
+        assert torch.allclose(got[b].double(), want, atol=2e-5, rtol=0), b
+        assert abs(got_t[b].item() - want[targets[b]].item()) < 2e-5, b
+
+
 def test_top_mass_support_is_smallest_covering_set():
     p = torch.softmax(torch.tensor([[5.0, 4.0, 1.0, 0.0, -3.0], [0.0, 0.0, 0.0, 0.0, 9.0]]), -1)
     sup = top_mass_support(p, 0.05, 10)

@@ -101,15 +101,15 @@ class DeepenFusion(Fusion):
         if not self.search:
             lp = torch.log_softmax(z, -1)
             return lp if targets is None else lp.gather(1, targets[:, None])[:, 0]
-        rels, main_support, main_rows = [], None, None
+        rels, main_support, main_rows, main_probs = [], None, None, None
         for n in self.names:
             p = torch.softmax(logits[n].to(self.device, torch.float32), -1)
             support = self._support(p, n)
             rows = None if support is None else support_rows(support, self.matrices[n])
             rels.append(to_relative(p, self.matrices[n], support, rows))
-            if n == self.main:
-                main_support, main_rows = support, rows   # the inverse search reuses them
+            if n == self.main:   # the inverse search reuses them (and overwrites the probabilities)
+                main_support, main_rows, main_probs = support, rows, p
         w = self.row_weights(logits, step)
         q = aggregate(rels, [w[:, i:i + 1] for i in range(len(self.names))])
         return deepen_inverse(z, q, self.matrices[self.main], self.settings.lr, self.settings.steps, main_support,
-                              main_rows, targets=targets, r0=rels[self.names.index(self.main)])
+                              main_rows, targets=targets, r0=rels[self.names.index(self.main)], probs=main_probs)

@@ -59,10 +59,11 @@ SERIES_TERMS = 8    # ... and the most terms it takes (more: one exp per scale i
 
 def series_terms(delta: float, n: int) -> int | None:
     """The fewest terms K with which ``sum_k (delta x)^k / k!`` (k <= K) gives ``sum_i exp((1 -
-    delta) x_i)`` over n entries x_i <= 0, whose largest is 0, to a relative error at most
-    SERIES_TOL, or None (more than SERIES_TERMS). The error of entry i is at most
+    delta) x_i)`` over n entries x_i <= 0 to an error at most SERIES_TOL times max(1, the sum),
+    or None (more than SERIES_TERMS). The error of entry i is at most
     exp(x_i) |delta x_i|^(K+1) exp(|delta x_i|) / (K+1)!, largest at |x_i| = (K+1) / (1 - delta):
-    n times that over a sum >= 1 (its largest term) bounds the relative error."""
+    n times that bounds the error (a relative one where the sum is >= 1, e.g. its largest entry
+    is 0)."""
     if not 0 <= delta < 1:
         return None
     for k in range(SERIES_TERMS + 1):
@@ -72,17 +73,20 @@ def series_terms(delta: float, n: int) -> int | None:
     return None
 
 
-def tail_logsumexp(tail: torch.Tensor, scales: list[float], elements: int = 1 << 17) -> torch.Tensor:
+def tail_logsumexp(tail: torch.Tensor, scales: list[float], elements: int = 1 << 17,
+                   exp_tail: torch.Tensor | None = None) -> torch.Tensor:
     """[B, len(scales)]: ``log sum_i exp(s * tail[b, i])`` for each scale s in (0, 1], in one pass
-    over the tail (entries <= 0, each row's largest 0 or the row all -inf, which gives -inf),
-    on column chunks of about ``elements`` entries that stay in cache.
+    over the tail (entries <= 0, -inf for those left out; a row all -inf gives -inf), on column
+    chunks of about ``elements`` entries that stay in cache. ``exp_tail``: ``tail.exp()``, if the
+    caller has it (it is overwritten; e.g. a softmax's probabilities, the support's set to 0).
 
     The decay scales of a search are close to 1 (0.993 after DeePEn's 5 steps), so
     ``exp(s x) = exp(x) exp((s - 1) x)`` and the second factor's power series give every scale
     from one exp and K moments ``sum_i exp(x_i) x_i^k`` (all terms >= 0, no cancellation; K from
     `series_terms`, 5 for a 32k vocabulary): on one core, 4.6 against 9.0 ms for 64 rows of 32k
-    and 0.51 against 1.34 ms for 8 rows, with one exp per scale. Scales further from 1, or above
-    it, take one exp per scale."""
+    and 0.51 against 1.34 ms for 8 rows, with one exp per scale. A sum's error is at most
+    SERIES_TOL times max(1, the sum) (each exp(x_i) <= 1). Scales further from 1, or above it,
+    take one exp per scale."""
     B, V = tail.shape
     low = min(scales)
     K = series_terms(1.0 - low, V) if 0 < low and max(scales) <= 1 else None
@@ -97,7 +101,7 @@ def tail_logsumexp(tail: torch.Tensor, scales: list[float], elements: int = 1 <<
     moments = tail.new_zeros((B, K + 1))
     for lo in range(0, V, width):
         x = tail[:, lo:lo + width]
-        t = x.exp()
+        t = x.exp() if exp_tail is None else exp_tail[:, lo:lo + width]
         moments[:, 0] += t.sum(-1)
         x = x.clamp_min(-1e4)   # exp(x) is 0 there: keeps -inf * 0 out
         for k in range(1, K + 1):
@@ -109,13 +113,15 @@ def tail_logsumexp(tail: torch.Tensor, scales: list[float], elements: int = 1 <<
 
 def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: float = 0.15, steps: int = 5,
                    support: Support | None = None, support_matrix_rows: SupportRows | None = None,
-                   targets: torch.Tensor | None = None, r0: torch.Tensor | None = None) -> torch.Tensor:
+                   targets: torch.Tensor | None = None, r0: torch.Tensor | None = None,
+                   probs: torch.Tensor | None = None) -> torch.Tensor:
     """Fused log-probabilities [B, V] over the main vocabulary from main logits z [B, V] and the
     target anchor distribution q [B, A]. ``lr == 0`` or ``steps == 0``: the main member alone.
     With ``targets`` [B] (token ids): only row b's log-probability of ``targets[b]``, [B]
     (what a teacher-forced score reads; with a support, no [B, V] result is formed). ``r0``:
     the relative representation of softmax(z) over the same support, if already computed (the
-    first step's r, equal to float rounding).
+    first step's r, equal to float rounding). ``probs``: softmax(z), if the caller has it (with
+    a support, it is overwritten: the tail's normaliser is computed from it).
 
     The gradient is written out (no autograd graph, no optimizer object: a decoding step is
     small, their overhead is not): with L = sum_b mean_a q log(q / r), r = p @ R,
@@ -136,15 +142,17 @@ def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: floa
     else:
         param = z0.gather(1, support.idx)
         rows, cols = support.valid.nonzero(as_tuple=True)
-        # the tail's logits relative to their max; the tail's logsumexp at every step's weight
-        # decay, in one pass: logsumexp(scale * tail) = scale * top + log(sum(exp(scale * (tail - top))))
-        tail = z0.clone()
-        tail[rows, support.idx[rows, cols]] = float("-inf")
-        top = tail.max(-1, keepdim=True).values
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))   # an empty tail
-        tail.sub_(top)
-        tail_lse = tail_logsumexp(tail, scales if targets is not None else scales[:-1])
-        del tail
+        # the tail's logsumexp at every step's weight decay, in one pass over the log-probs
+        # x = z0 - log_norm with the support left out: logsumexp(scale * tail) = scale * log_norm
+        # + log(sum(exp(scale * x))); the softmax's probabilities are exp(x) (no exp of the row)
+        p = torch.softmax(z0, -1) if probs is None else probs
+        top = support.idx[:, :1]   # the most probable token: its log-prob is accurate
+        log_norm = z0.gather(1, top) - p.gather(1, top).log()
+        x = z0 - log_norm
+        x[rows, support.idx[rows, cols]] = float("-inf")
+        p[rows, support.idx[rows, cols]] = 0.0
+        tail_lse = tail_logsumexp(x, scales if targets is not None else scales[:-1], exp_tail=p)
+        del x, p
         mat_rows = support_matrix_rows or support_rows(support, mat)   # the same rows at every step
         buf = q.new_empty((q.shape[0], A))
     m = torch.zeros_like(param)
@@ -157,7 +165,7 @@ def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: floa
             grad = p * (g_p - (p * g_p).sum(-1, keepdim=True))
         else:
             zs = param.masked_fill(~support.valid, float("-inf"))
-            lse_tail = tail_lse[:, t:t + 1] + scales[t] * top
+            lse_tail = tail_lse[:, t:t + 1] + scales[t] * log_norm
             lse = torch.logaddexp(torch.logsumexp(zs, -1, keepdim=True), lse_tail)
             p, p_tail = torch.exp(zs - lse), torch.exp(lse_tail - lse)
             r = r0 if t == 0 and r0 is not None else relative_from_support(p, support, mat, tail=p_tail[:, 0],
@@ -178,7 +186,7 @@ def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: floa
     scale = scales[steps]
     if targets is not None:   # log softmax of [z0 * scale off the support, param on it] at the targets
         zs = param.masked_fill(~support.valid, float("-inf"))
-        lse = torch.logaddexp(torch.logsumexp(zs, -1), tail_lse[:, steps] + scale * top[:, 0])
+        lse = torch.logaddexp(torch.logsumexp(zs, -1), tail_lse[:, steps] + scale * log_norm[:, 0])
         hit = (support.idx == targets[:, None]) & support.valid
         inside = param.gather(1, hit.to(torch.uint8).argmax(-1, keepdim=True))[:, 0]
         outside = z0.gather(1, targets[:, None])[:, 0] * scale

@@ -188,8 +188,12 @@ def relative_grad(g_r: torch.Tensor, mat: RelRepMatrix, support: Support | None 
 
 
 def aggregate(rels: list[torch.Tensor], weights: list) -> torch.Tensor:
-    """``q = sum_m w_m r_m`` (weights already normalised to sum to 1; floats or [B, 1] per row)."""
-    q = torch.zeros_like(rels[0])
-    for w, r in zip(weights, rels):
-        q = q + w * r
+    """``q = sum_m w_m r_m`` (weights already normalised to sum to 1; floats or [B, 1] per row),
+    accumulated in place in one new tensor."""
+    q = rels[0] * weights[0]
+    for w, r in zip(weights[1:], rels[1:]):
+        if isinstance(w, torch.Tensor):
+            q.addcmul_(r, w)
+        else:
+            q.add_(r, alpha=w)
     return q
