@@ -135,6 +135,7 @@ def test_bench_measures_batching_savings():
         batched = measure(ScriptedLM("fake"), layers, cfg, task, iters=2, one_at_a_time=False)
         single = measure(ScriptedLM("fake"), layers, cfg, task, iters=2, one_at_a_time=True)
         assert batched["prompts"] == single["prompts"]          # same work, same choices
+        assert batched["updates"] == single["updates"] and 0 <= batched["updates"] <= 2
         assert single["calls"] == single["requests"] == batched["requests"]
         assert batched["calls"] < single["calls"] / 3
 

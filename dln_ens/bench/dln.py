@@ -13,7 +13,9 @@ When the backend is an ensemble, each of its members also runs the same iteratio
 (batched), in the same rounds, and the table adds "ensemble / sum of members": the ensemble's
 seconds per iteration over the sum of its members' (each run follows its own trajectory:
 prompts, generations and their lengths differ from backend to backend, and so do the number
-of calls and requests). A second table separates the ensemble's own cost from those
+of calls and requests; "updated iters" counts the iterations that ran the backward pass: the
+trainer skips a batch its forward pass got all right, as DLN does, and such an iteration
+costs one forward pass). A second table separates the ensemble's own cost from those
 differences: the requests the ensemble received in one batched run are replayed, call by call
 and in the same rounds, on the ensemble and on each member alone ("same requests"), per
 method and in all. The prompts and contexts are then the same; how long each generation runs
@@ -101,16 +103,16 @@ def measure(lm, layers: int, cfg, task, iters: int, one_at_a_time: bool, record:
     system = DLNSystem(name=f"bench{layers}", layers=layers, backend="bench")
     _, trainer = build_system(system, cfg, task, lambda name: backend, library)
     t0 = time.perf_counter()
-    prompts = []
+    prompts, updates = [], 0
     for it in range(1, iters + 1):
         idx = batch_indices(len(task.train), cfg.batch_size, cfg.seed, it)
-        trainer.step([task.train[i] for i in idx], it)
+        updates += bool(trainer.step([task.train[i] for i in idx], it)["updated"])
         prompts.append(trainer.net.prompts)
     seconds = time.perf_counter() - t0
     snap = counter.snapshot()
     return {"calls": sum(v["calls"] for v in snap.values()) / iters,
             "requests": sum(v["requests"] for v in snap.values()) / iters,
-            "seconds": seconds / iters, "by_method": snap, "prompts": prompts}
+            "seconds": seconds / iters, "updates": updates, "by_method": snap, "prompts": prompts}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         for (b, single_mode), m in best.items():
             row = {"DLN": layers, "backend": b,
                    "mode": "one request at a time" if single_mode else "batched + prefix reuse",
+                   "updated iters": f"{m['updates']}/{args.iters}",
                    "calls/iter": round(m["calls"], 1), "requests/iter": round(m["requests"], 1),
                    "s/iter": round(m["seconds"], 2)}
             if single is not None and b == name:
