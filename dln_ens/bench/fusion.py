@@ -13,6 +13,7 @@ so a row near the threshold may be mixed).
 from __future__ import annotations
 
 import argparse
+from unittest.mock import patch
 
 import torch
 
@@ -48,12 +49,8 @@ def main(argv=None):
         for V in args.vocab:
             mats = {n: RelRepMatrix(A, dense=torch.softmax(3 * torch.randn(V + 100 * i, A, generator=g), -1))
                     for i, n in enumerate(names)}
-            saved = deepen.EXACT_ENTRIES
-            try:
-                deepen.EXACT_ENTRIES = 0
+            with patch.object(deepen, "EXACT_ENTRIES", 0):
                 restricted = make_fusion("deepen", names, "a", matrices=mats, tail_mass=1e-4)
-            finally:
-                deepen.EXACT_ENTRIES = saved
             exact = make_fusion("deepen", names, "a", matrices=mats, tail_mass=0.0)
             default = make_fusion("deepen", names, "a", matrices=mats)
             which = [n for n in names if default.restricted[n]]

@@ -21,7 +21,7 @@ from dln_ens.ensemble.align import TokenTrack, encode_with_offsets, update_many,
 
 @dataclass
 class Reads:
-    """What one member runs (`lm.forced.logits_at` arguments, ``order`` putting the rows in
+    """What one member runs (`lm.forced.logit_rows` arguments, ``order`` putting the rows in
     prefix order: pair by pair, t = 0 .. T-1)."""
     seqs: list[list[int]]
     groups: list[Hashable]

@@ -142,6 +142,7 @@ def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: floa
     else:
         param = z0.gather(1, support.idx)
         rows, cols = support.valid.nonzero(as_tuple=True)
+        ids = support.idx[rows, cols]   # the support's token ids, row by row
         # the tail's logsumexp at every step's weight decay, in one pass over the log-probs
         # x = z0 - log_norm with the support left out: logsumexp(scale * tail) = scale * log_norm
         # + log(sum(exp(scale * x))); the softmax's probabilities are exp(x) (no exp of the row)
@@ -149,8 +150,8 @@ def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: floa
         top = support.idx[:, :1]   # the most probable token: its log-prob is accurate
         log_norm = z0.gather(1, top) - p.gather(1, top).log()
         x = z0 - log_norm
-        x[rows, support.idx[rows, cols]] = float("-inf")
-        p[rows, support.idx[rows, cols]] = 0.0
+        x[rows, ids] = float("-inf")
+        p[rows, ids] = 0.0
         tail_lse = tail_logsumexp(x, scales if targets is not None else scales[:-1], exp_tail=p)
         del x, p
         mat_rows = support_matrix_rows or support_rows(support, mat)   # the same rows at every step
@@ -192,7 +193,7 @@ def deepen_inverse(z: torch.Tensor, q: torch.Tensor, mat: RelRepMatrix, lr: floa
         outside = z0.gather(1, targets[:, None])[:, 0] * scale
         return torch.where(hit.any(-1), inside, outside) - lse
     out = z0 * scale
-    out[rows, support.idx[rows, cols]] = param[rows, cols]
+    out[rows, ids] = param[rows, cols]
     return torch.log_softmax(out, -1)
 
 
